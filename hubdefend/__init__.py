@@ -4,6 +4,24 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from hubdefend.adapters import LoadedModel, discover  # noqa: E402
+from hubdefend.bake import PruningPlan, bake  # noqa: E402
 from hubdefend.errors import HubDefendError  # noqa: E402
+from hubdefend.masks import NeuronMasks, is_masked, masked  # noqa: E402
+from hubdefend.model_io import load, save  # noqa: E402
+from hubdefend.neurons import NeuronGroup  # noqa: E402
 
-__all__ = ["HubDefendError", "__version__"]
+__all__ = [
+    "HubDefendError",
+    "LoadedModel",
+    "NeuronGroup",
+    "NeuronMasks",
+    "PruningPlan",
+    "__version__",
+    "bake",
+    "discover",
+    "is_masked",
+    "load",
+    "masked",
+    "save",
+]

@@ -1,0 +1,205 @@
+"""Neuron masks applied through removable forward hooks.
+
+`NeuronMasks` holds, per `NeuronGroup`, a mask ``m`` (init 1) and optionally ANP's perturbation pair
+(``delta`` on the scale, ``xi`` on the shift), all trainable parameters of one module that Accelerate
+can prepare. `attach` registers one hook per group so that each layer computes exactly
+
+    norm(x; gamma * (m + delta), beta * (1 + xi))
+
+before any fused activation. With ``y = gamma * x_hat + beta`` the layer's affine output, that is
+``y' = s * y + (1 + xi - s) * beta`` with ``s = m + delta``; written this way, ``s = 1, xi = 0``
+gives back ``y`` bit for bit. For ``mlp`` and ``head`` units (no shift) it is ``y' = s * y`` on the
+projection's input. Hooks never touch the state_dict, so detaching restores the model exactly,
+the way ``torch.nn.utils.prune.remove`` leaves plain weights behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from hubdefend.errors import MaskError
+from hubdefend.neurons import NeuronGroup
+
+
+class NeuronMasks(nn.Module):
+    """Masks (and optional ANP perturbations) for a list of neuron groups.
+
+    Args:
+        groups: the groups to mask, usually from `hubdefend.adapters.discover`.
+        perturbation: also create ``delta`` and ``xi`` (zero-initialised) for ANP-style noise.
+    """
+
+    def __init__(self, groups: Sequence[NeuronGroup], *, perturbation: bool = False) -> None:
+        super().__init__()
+        if not groups:
+            raise MaskError(
+                "No neuron groups to mask: discover(model) found none, or an empty list was given."
+            )
+        self.groups = list(groups)
+        self.mask = nn.ParameterList(nn.Parameter(torch.ones(g.num_neurons)) for g in self.groups)
+        self.has_perturbation = perturbation
+        if perturbation:
+            self.delta = nn.ParameterList(nn.Parameter(torch.zeros(g.num_neurons)) for g in self.groups)
+            self.xi = nn.ParameterList(nn.Parameter(torch.zeros(g.num_neurons)) for g in self.groups)
+        # Perturbation is applied only while enabled, so one module serves the clean and noisy passes.
+        self.perturbing = False
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    # -- values ---------------------------------------------------------------------------------
+    def scale_and_shift(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The per-neuron scale ``m + delta`` and shift factor ``xi`` (None when unperturbed)."""
+        scale = self.mask[index]
+        if self.perturbing and self.has_perturbation:
+            return scale + self.delta[index], self.xi[index]
+        return scale, None
+
+    def mask_values(self) -> dict[str, torch.Tensor]:
+        """Detached copies of the masks, keyed by group name."""
+        return {g.name: m.detach().clone() for g, m in zip(self.groups, self.mask, strict=True)}
+
+    def perturbations(self) -> Iterator[nn.Parameter]:
+        """The perturbation parameters (``delta`` then ``xi``), for the adversarial step."""
+        if not self.has_perturbation:
+            return iter(())
+        return iter([*self.delta, *self.xi])
+
+    @torch.no_grad()
+    def reset_perturbation(self, eps: float = 0.0, *, generator: torch.Generator | None = None) -> None:
+        """Set ``delta`` and ``xi`` to zero, or uniform in [-eps, eps] (ANP's random start)."""
+        for param in self.perturbations():
+            if eps > 0:
+                noise = torch.rand(param.shape, generator=generator, dtype=param.dtype)
+                param.copy_((2 * noise - 1).mul_(eps))
+            else:
+                param.zero_()
+
+    @torch.no_grad()
+    def clip_masks(self) -> None:
+        """Clamp every mask to [0, 1], as ANP, RNP and CNP do after each step."""
+        for mask in self.mask:
+            mask.clamp_(0.0, 1.0)
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> NeuronMasks:
+        """Register one hook per group on ``model``. All or nothing: on failure none stays."""
+        if self._handles:
+            raise MaskError("These masks are already attached; call detach() first.")
+        if is_masked(model):
+            raise MaskError(
+                "The model already carries hubdefend masks; detach them before attaching new ones."
+            )
+        handles = []
+        try:
+            for index, group in enumerate(self.groups):
+                handles.append(_register(model, group, _MaskHook(self, index, group, model)))
+        except BaseException:
+            for handle in handles:
+                handle.remove()
+            raise
+        self._handles = handles
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook this object registered. The model is left exactly as before."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+
+class _MaskHook:
+    """The hook object: owns nothing but a pointer to its group's mask, like prune's methods."""
+
+    def __init__(self, masks: NeuronMasks, index: int, group: NeuronGroup, model: nn.Module) -> None:
+        self.masks = masks
+        self.index = index
+        self.group = group
+        self.layer = model.get_submodule(group.name)
+
+    def _beta(self) -> torch.Tensor | None:
+        return None if self.group.beta is None else getattr(self.layer, self.group.beta)
+
+    def apply(self, y: torch.Tensor) -> torch.Tensor:
+        group = self.group
+        scale, xi = self.masks.scale_and_shift(self.index)
+        if group.neuron_width > 1:
+            scale = scale.repeat_interleave(group.neuron_width)
+        shape = _broadcast_shape(y, group.channel_dim, scale.numel(), group)
+        scale = scale.to(y.dtype)
+        out = y * scale.view(shape)
+        beta = self._beta()
+        if beta is not None:
+            # (1 + xi - s) * beta: the shift keeps its (perturbed) value whatever the mask does.
+            shift_factor = 1 - scale if xi is None else 1 + xi.to(y.dtype) - scale
+            out = out + (shift_factor * beta.to(y.dtype)).view(shape)
+        return out
+
+    def __call__(self, module: nn.Module, args: tuple, *rest) -> torch.Tensor | tuple | None:
+        if self.group.hook_on == "input":  # forward pre-hook: (module, args)
+            return (self.apply(args[0]), *args[1:])
+        if self.group.hook_on == "recompute":  # forward hook: (module, args, output)
+            return _recompute_tlu(self.layer, args[0], self.apply)
+        return self.apply(rest[0])
+
+
+def _broadcast_shape(y: torch.Tensor, channel_dim: int, channels: int, group: NeuronGroup) -> tuple[int, ...]:
+    dim = channel_dim % y.ndim
+    if y.shape[dim] != channels:
+        raise MaskError(
+            f"Layer {group.name!r} ({group.layer_type}) produced a tensor of shape {tuple(y.shape)}; expected "
+            f"{channels} features on dim {channel_dim}. Its neuron group does not describe this model: "
+            "discover the groups again from this model."
+        )
+    shape = [1] * y.ndim
+    shape[dim] = channels
+    return tuple(shape)
+
+
+def _recompute_tlu(layer: nn.Module, x: torch.Tensor, mask_affine) -> torch.Tensor:
+    """timm's FilterResponseNormTlu2d with the mask applied between the affine and the TLU."""
+    v_shape = (1, -1, 1, 1)
+    x_hat = x * x.float().square().mean(dim=(2, 3), keepdim=True).add(layer.eps).rsqrt().to(x.dtype)
+    y = x_hat * layer.weight.view(v_shape).to(x.dtype) + layer.bias.view(v_shape).to(x.dtype)
+    y = mask_affine(y)
+    return torch.maximum(y, layer.tau.view(v_shape).to(x.dtype)) if layer.tau is not None else y
+
+
+def _register(model: nn.Module, group: NeuronGroup, hook: _MaskHook) -> torch.utils.hooks.RemovableHandle:
+    try:
+        target = model.get_submodule(group.hook_point)
+    except AttributeError as exc:
+        raise MaskError(
+            f"Neuron group {group.name!r} points at {group.hook_point!r}, which this model does not have. "
+            "Discover the groups from the same model you mask."
+        ) from exc
+    if group.hook_on == "input":
+        return target.register_forward_pre_hook(hook)
+    return target.register_forward_hook(hook)
+
+
+def is_masked(model: nn.Module) -> bool:
+    """Whether any hubdefend mask hook is registered on ``model``."""
+    for module in model.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            if any(isinstance(h, _MaskHook) for h in hooks.values()):
+                return True
+    return False
+
+
+@contextmanager
+def masked(
+    model: nn.Module, groups: Sequence[NeuronGroup], *, perturbation: bool = False
+) -> Iterator[NeuronMasks]:
+    """Attach fresh masks for ``groups`` to ``model`` for the ``with`` block; always detach."""
+    masks = NeuronMasks(groups, perturbation=perturbation).attach(model)
+    try:
+        yield masks
+    finally:
+        masks.detach()
