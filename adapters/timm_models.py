@@ -76,9 +76,8 @@ class TimmAdapter(Adapter):
                 isinstance(proj, nn.Linear)
                 and isinstance(num_heads, int)
                 and proj.in_features % num_heads == 0
-            ):
-                if hasattr(module, "qkv") or hasattr(module, "q"):
-                    groups.append(head_group(_join(name, "proj"), proj, num_heads))
+            ) and (hasattr(module, "qkv") or hasattr(module, "q")):
+                groups.append(head_group(_join(name, "proj"), proj, num_heads))
         return groups
 
     # -- layout ---------------------------------------------------------------------------------
