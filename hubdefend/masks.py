@@ -121,7 +121,7 @@ class _MaskHook:
         self.masks = masks
         self.index = index
         self.group = group
-        self.layer = model.get_submodule(group.name)
+        self.layer = _submodule(model, group.name, group)
 
     def _beta(self) -> torch.Tensor | None:
         return None if self.group.beta is None else getattr(self.layer, self.group.beta)
@@ -171,14 +171,18 @@ def _recompute_tlu(layer: nn.Module, x: torch.Tensor, mask_affine) -> torch.Tens
     return torch.maximum(y, layer.tau.view(v_shape).to(x.dtype)) if layer.tau is not None else y
 
 
-def _register(model: nn.Module, group: NeuronGroup, hook: _MaskHook) -> torch.utils.hooks.RemovableHandle:
+def _submodule(model: nn.Module, path: str, group: NeuronGroup) -> nn.Module:
     try:
-        target = model.get_submodule(group.hook_point)
+        return model.get_submodule(path)
     except AttributeError as exc:
         raise MaskError(
-            f"Neuron group {group.name!r} points at {group.hook_point!r}, which this model does not have. "
+            f"Neuron group {group.name!r} points at {path!r}, which this model does not have. "
             "Discover the groups from the same model you mask."
         ) from exc
+
+
+def _register(model: nn.Module, group: NeuronGroup, hook: _MaskHook) -> torch.utils.hooks.RemovableHandle:
+    target = _submodule(model, group.hook_point, group)
     if group.hook_on == "input":
         return target.register_forward_pre_hook(hook)
     return target.register_forward_hook(hook)
