@@ -72,7 +72,9 @@ def _main(
 
 @app.command()
 def inspect(
-    source: Annotated[str, typer.Argument(help="A saved model folder, or timm:NAME to build a timm architecture.")],
+    source: Annotated[
+        str, typer.Argument(help="A saved model folder, or timm:NAME to build a timm architecture.")
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
 ) -> None:
     """Show a model's family, architecture, size and normalization layers (its neurons)."""

@@ -24,7 +24,9 @@ def build_timm(name: str, **model_args) -> LoadedModel:
         hint = f" Close matches: {', '.join(close)}." if close else ""
         raise UnknownArchitectureError(f"timm has no architecture named {name!r}.{hint}")
     model = timm.create_model(name, pretrained=False, **model_args).eval()
-    return LoadedModel(model, "timm", name, {"architecture": name, **model_args}, source=f"{TIMM_PREFIX}{name}")
+    return LoadedModel(
+        model, "timm", name, {"architecture": name, **model_args}, source=f"{TIMM_PREFIX}{name}"
+    )
 
 
 def resolve_model(source: str) -> LoadedModel:

@@ -70,7 +70,9 @@ def test_timm_architecture(name: str) -> None:
 @pytest.mark.parametrize("model_type", zoo.transformers_types())
 def test_transformers_model_type(model_type: str) -> None:
     if model_type in zoo.UNBUILDABLE_TRANSFORMERS:
-        pytest.skip(f"transformers {model_type}: cannot build offline here: {zoo.UNBUILDABLE_TRANSFORMERS[model_type]}")
+        pytest.skip(
+            f"transformers {model_type}: cannot build offline here: {zoo.UNBUILDABLE_TRANSFORMERS[model_type]}"
+        )
     model, x = zoo.build_transformers(model_type)
     check_model(f"transformers/{model_type}", model, x)
 
@@ -105,6 +107,8 @@ def test_coverage_summary(capsys: pytest.CaptureFixture[str]) -> None:
             f"{len(classes)} normalization classes: {', '.join(sorted(classes))}"
         )
         print(f"no normalization layer (clear NoNormLayersError): {', '.join(no_norm)}")
-        print(f"timm architectures over {zoo.TIMM_MAX_PARAMS:,} parameters passed over: {', '.join(TIMM_TOO_BIG)}")
+        print(
+            f"timm architectures over {zoo.TIMM_MAX_PARAMS:,} parameters passed over: {', '.join(TIMM_TOO_BIG)}"
+        )
         print(f"transformers model types not built offline: {zoo.UNBUILDABLE_TRANSFORMERS}")
     assert len(TIMM_NAMES) == zoo.TIMM_SAMPLE_SIZE

@@ -53,7 +53,15 @@ def _prune_first_neurons(model: torch.nn.Module) -> torch.nn.Module:
 def _stock_logits(family: str, folder: Path, x: torch.Tensor, tmp_path: Path) -> torch.Tensor:
     torch.save(x, tmp_path / "x.pt")
     subprocess.run(
-        [sys.executable, "-c", STOCK_LOADER, family, str(folder), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+        [
+            sys.executable,
+            "-c",
+            STOCK_LOADER,
+            family,
+            str(folder),
+            str(tmp_path / "x.pt"),
+            str(tmp_path / "y.pt"),
+        ],
         check=True,
         cwd=tmp_path,
     )
@@ -62,7 +70,9 @@ def _stock_logits(family: str, folder: Path, x: torch.Tensor, tmp_path: Path) ->
 
 @pytest.mark.parametrize("name", ["resnet18", "test_vit"])
 def test_timm_round_trip_with_stock_loader(name: str, tmp_path: Path) -> None:
-    model = timm.create_model(name, pretrained=False, num_classes=10, **({"img_size": 32} if "vit" in name else {}))
+    model = timm.create_model(
+        name, pretrained=False, num_classes=10, **({"img_size": 32} if "vit" in name else {})
+    )
     pruned = _prune_first_neurons(model.eval())
     folder = hubdefend.save(pruned, tmp_path / "model")
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
@@ -81,9 +91,13 @@ def test_transformers_round_trip_with_stock_loader(model_type: str, tmp_path: Pa
 
     model, x = zoo.build_transformers(model_type)
     pruned = _prune_first_neurons(model)
-    processor = (ViTImageProcessor if model_type == "vit" else ConvNextImageProcessor)(size={"height": 32, "width": 32})
+    processor = (ViTImageProcessor if model_type == "vit" else ConvNextImageProcessor)(
+        size={"height": 32, "width": 32}
+    )
     folder = hubdefend.save(pruned, tmp_path / "model", image_processor=processor)
-    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {
+        p.name for p in folder.iterdir()
+    }
     loaded = hubdefend.load(folder)
     assert loaded.family == "transformers" and loaded.image_processor is not None
     with torch.no_grad():
@@ -120,7 +134,9 @@ def test_unknown_architecture(tmp_path: Path) -> None:
 
 
 def test_weights_that_do_not_fit(tmp_path: Path) -> None:
-    folder = hubdefend.save(timm.create_model("test_resnet", pretrained=False, num_classes=10), tmp_path / "m")
+    folder = hubdefend.save(
+        timm.create_model("test_resnet", pretrained=False, num_classes=10), tmp_path / "m"
+    )
     weights = load_file(folder / "model.safetensors")
     key = next(k for k in weights if k.endswith("fc.weight"))
     weights[key] = torch.zeros(7, weights[key].shape[1])

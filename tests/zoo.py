@@ -102,7 +102,12 @@ def build_timm(name: str) -> tuple[nn.Module, torch.Tensor]:
 # Small configs for transformers image classifiers (HUB.md); model types not listed use their
 # default config, which is slower but still real.
 _VIT_LIKE = dict(
-    image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    image_size=32,
+    patch_size=8,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
 )
 SMALL_TRANSFORMERS_CONFIGS: dict[str, dict] = {
     "vit": _VIT_LIKE,
@@ -111,12 +116,21 @@ SMALL_TRANSFORMERS_CONFIGS: dict[str, dict] = {
     "data2vec-vision": _VIT_LIKE,
     "ijepa": _VIT_LIKE,
     "deit": {**_VIT_LIKE, "architectures": ["DeiTForImageClassification"]},
-    "levit": dict(image_size=64, hidden_sizes=[16, 32, 48], num_attention_heads=[1, 2, 3], depths=[1, 1, 1], key_dim=[8, 8, 8], architectures=["LevitForImageClassification"]),
+    "levit": dict(
+        image_size=64,
+        hidden_sizes=[16, 32, 48],
+        num_attention_heads=[1, 2, 3],
+        depths=[1, 1, 1],
+        key_dim=[8, 8, 8],
+        architectures=["LevitForImageClassification"],
+    ),
     "dinov2": {**_VIT_LIKE, "mlp_ratio": 2},
     "dinov2_with_registers": {**_VIT_LIKE, "mlp_ratio": 2},
     "swin": dict(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4),
     "swinv2": dict(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4),
-    "donut-swin": dict(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4),
+    "donut-swin": dict(
+        image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4
+    ),
     "resnet": dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"),
     "convnext": dict(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1]),
     "convnextv2": dict(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1]),
@@ -126,12 +140,31 @@ SMALL_TRANSFORMERS_CONFIGS: dict[str, dict] = {
     "bit": dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_groups=4),
     "regnet": dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=8),
     "poolformer": dict(num_encoder_blocks=2, depths=[1, 1], hidden_sizes=[8, 16], image_size=64),
-    "perceiver": dict(architectures=["PerceiverForImageClassificationLearned"], d_latents=32, num_latents=8, num_blocks=1, num_self_attends_per_block=1, num_self_attention_heads=2, num_cross_attention_heads=1, image_size=32, d_model=32),
+    "perceiver": dict(
+        architectures=["PerceiverForImageClassificationLearned"],
+        d_latents=32,
+        num_latents=8,
+        num_blocks=1,
+        num_self_attends_per_block=1,
+        num_self_attention_heads=2,
+        num_cross_attention_heads=1,
+        image_size=32,
+        d_model=32,
+    ),
     "imagegpt": dict(n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=65),
     "clip": dict(vision_config=dict(_VIT_LIKE)),
     "metaclip_2": dict(vision_config=dict(_VIT_LIKE)),
     "siglip": dict(vision_config=dict(_VIT_LIKE)),
-    "siglip2": dict(vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8, num_patches=16)),
+    "siglip2": dict(
+        vision_config=dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            patch_size=8,
+            num_patches=16,
+        )
+    ),
 }
 # Model types that cannot run here, with the reason (printed by the coverage test).
 UNBUILDABLE_TRANSFORMERS = {
@@ -170,7 +203,14 @@ def build_transformers(model_type: str) -> tuple[nn.Module, torch.Tensor]:
     return model, torch.randn(2, channels, size, size)
 
 
-TORCHVISION_MODELS = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "regnet_y_400mf", "shufflenet_v2_x0_5"]
+TORCHVISION_MODELS = [
+    "resnet18",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "convnext_tiny",
+    "regnet_y_400mf",
+    "shufflenet_v2_x0_5",
+]
 
 
 def build_torchvision(name: str, *, frozen_bn: bool = False) -> tuple[nn.Module, torch.Tensor]:
