@@ -1,0 +1,3 @@
+from hubdefend.cli import main
+
+main()
