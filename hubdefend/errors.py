@@ -50,3 +50,18 @@ class TriggerSpecError(HubDefendError, ValueError):
 
 class DataError(HubDefendError, ValueError):
     """Defender or evaluation data is missing, malformed or does not fit the model."""
+
+
+class UnknownDefenseError(HubDefendError, KeyError):
+    """No defense is registered under the name asked for."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        super().__init__(f"No defense named {name!r}. Choose one of: {', '.join(known)}.")
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+class DefenseError(HubDefendError, RuntimeError):
+    """A defense cannot run on this model or data as asked."""

@@ -113,6 +113,15 @@ class NeuronMasks(nn.Module):
     def attached(self) -> bool:
         return bool(self._handles)
 
+    @contextmanager
+    def attached_to(self, model: nn.Module) -> Iterator[NeuronMasks]:
+        """Attach to ``model`` for the ``with`` block; always detach, errors included."""
+        self.attach(model)
+        try:
+            yield self
+        finally:
+            self.detach()
+
 
 class _MaskHook:
     """The hook object: owns nothing but a pointer to its group's mask, like prune's methods."""
@@ -202,8 +211,5 @@ def masked(
     model: nn.Module, groups: Sequence[NeuronGroup], *, perturbation: bool = False
 ) -> Iterator[NeuronMasks]:
     """Attach fresh masks for ``groups`` to ``model`` for the ``with`` block; always detach."""
-    masks = NeuronMasks(groups, perturbation=perturbation).attach(model)
-    try:
+    with NeuronMasks(groups, perturbation=perturbation).attached_to(model) as masks:
         yield masks
-    finally:
-        masks.detach()

@@ -1,0 +1,101 @@
+"""The shape every defense shares: (model, neuron groups, defender data or none) -> neuron scores.
+
+Deciding is apart from applying, as in ``torch.nn.utils.prune``: a defense only scores neurons; a
+pruning rule (`hubdefend.planning`) turns scores into a plan; `hubdefend.bake` writes it.
+Convention: a LOWER score means more backdoor-related, so neurons are pruned lowest first (the
+learned masks of ANP, RNP and CNP are such scores as they are).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from hubdefend.neurons import NeuronGroup
+from hubdefend.training import Normalize
+
+
+@dataclass
+class NeuronScores:
+    """Per-neuron scores (lower = prune first), one 1-D tensor per group, in group order."""
+
+    groups: list[NeuronGroup]
+    values: dict[str, torch.Tensor]
+
+    def ranked(self) -> list[tuple[str, int, float]]:
+        """Every bakeable neuron as ``(group name, index, score)``, lowest score first.
+
+        Ties keep module order, then index order, so the ranking is deterministic.
+        """
+        rows = []
+        for group in self.groups:
+            if not group.bakeable:
+                continue
+            for index, score in enumerate(self.values[group.name].tolist()):
+                rows.append((group.name, index, float(score)))
+        return sorted(rows, key=lambda row: row[2])  # sorted() is stable: ties keep module order
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {name: [round(v, 6) for v in tensor.tolist()] for name, tensor in self.values.items()}
+
+
+@dataclass
+class DefenseOutput:
+    """What `Defense.score` returns: the scores, and what the defense learnt on the way.
+
+    Attributes:
+        scores: per-neuron scores.
+        reversed_trigger: a `hubdefend.inversion.ReversedTrigger` when the defense reversed one.
+        target: the class the defense believes is the backdoor target, when it inferred one.
+        notes: facts for the report (e.g. RNP's unlearning epochs, ANP's final losses).
+    """
+
+    scores: NeuronScores
+    reversed_trigger: Any = None
+    target: int | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DefenseConfig:
+    """Base of every defense's config: its paper's defaults, stored verbatim in the report."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Defense:
+    """A backdoor defense. Subclasses set the class attributes and implement `score`."""
+
+    name: ClassVar[str] = ""
+    config_cls: ClassVar[type[DefenseConfig]] = DefenseConfig
+    needs_data: ClassVar[bool] = True
+    needs_labels: ClassVar[bool] = True
+    # Deviations from the reference implementation, named for the report.
+    deviations: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: DefenseConfig | None = None, **options: Any) -> None:
+        if config is None:
+            config = self.config_cls(**options)
+        elif options:
+            config = type(config)(**{**config.to_dict(), **options})
+        self.config = config
+
+    def score(
+        self,
+        model: nn.Module,
+        groups: list[NeuronGroup],
+        data,
+        *,
+        normalize: Normalize,
+        num_classes: int,
+        accelerator: Accelerator,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> DefenseOutput:
+        """Score every neuron of ``groups``. ``model`` is a private copy the defense may change."""
+        raise NotImplementedError
