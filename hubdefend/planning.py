@@ -1,0 +1,177 @@
+"""Pruning rules: turn neuron scores into a plan, sweep them, and choose the operating point from
+clean data only.
+
+The references print a sweep and leave the choice to the user, or pick it with test ASR, which no
+defender has. `choose_operating_point` uses only what a defender has: the clean validation split
+(accuracy may fall by at most ``ba_budget``) and, when a trigger was reversed from clean data, that
+reversed trigger's success on the held-out clean images. All rules are deterministic: the ranking
+breaks ties by module order, then neuron index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from hubdefend.bake import PruningPlan
+from hubdefend.defenses.base import NeuronScores
+from hubdefend.errors import PlanError
+
+REFERENCE_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 19))  # the references sweep 0.05..0.9
+NEURON_FRACTIONS = (0.0025, 0.005, 0.01, 0.02, 0.03, 0.05)  # CNP's operating point is about 1%
+DEFAULT_BA_BUDGET = 0.02
+REVERSED_ASR_SLACK = 0.05
+
+
+@dataclass(frozen=True)
+class PruneRule:
+    """How many neurons to prune: ``auto``, a ``threshold`` on scores, or a ``count``."""
+
+    kind: str
+    value: float | int | None = None
+
+    @classmethod
+    def parse(cls, prune: str | float | int) -> PruneRule:
+        """``"auto"``; a float in [0, 1) is a threshold (prune scores below it); an int >= 0 is a
+        count of the lowest-scored neurons. Strings are parsed the same way (``"0.2"``, ``"48"``)."""
+        if isinstance(prune, str):
+            text = prune.strip().lower()
+            if text == "auto":
+                return cls("auto")
+            try:
+                prune = int(text) if text.isdigit() else float(text)
+            except ValueError:
+                raise PlanError(
+                    f"--prune {prune!r}: give 'auto', a threshold such as 0.2, or a count such as 48."
+                ) from None
+        if isinstance(prune, bool):
+            raise PlanError("prune must be 'auto', a threshold in [0, 1) or a neuron count, not a bool.")
+        if isinstance(prune, int):
+            if prune < 0:
+                raise PlanError(f"prune={prune}: a neuron count cannot be negative.")
+            return cls("count", prune)
+        if isinstance(prune, float) and 0.0 <= prune < 1.0:
+            return cls("threshold", prune)
+        raise PlanError(
+            f"prune={prune!r}: give 'auto', a threshold in [0, 1) (e.g. 0.2) or a count (e.g. 48)."
+        )
+
+
+def plan_by_count(scores: NeuronScores, count: int) -> PruningPlan:
+    """The ``count`` lowest-scored neurons."""
+    pruned: dict[str, list[int]] = {}
+    for name, index, _ in scores.ranked()[:count]:
+        pruned.setdefault(name, []).append(index)
+    return PruningPlan({name: sorted(indices) for name, indices in pruned.items()})
+
+
+def count_below(scores: NeuronScores, threshold: float) -> int:
+    """How many neurons score strictly below ``threshold`` (the references' rule: mask < t)."""
+    return sum(1 for _, _, score in scores.ranked() if score < threshold)
+
+
+def plan_by_threshold(scores: NeuronScores, threshold: float) -> PruningPlan:
+    return plan_by_count(scores, count_below(scores, threshold))
+
+
+@dataclass
+class SweepPoint:
+    """One candidate operating point and what clean data says about it."""
+
+    neurons_pruned: int
+    threshold: float | None  # the reference threshold that gives this count, when one does
+    val_accuracy: float
+    reversed_asr: float | None = None
+    # Measured with the real trigger for the report only, never used to choose.
+    ba: float | None = None
+    asr: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def candidate_counts(scores: NeuronScores, *, max_fraction: float = 0.1) -> list[tuple[int, float | None]]:
+    """Candidate prune counts: the reference threshold sweep, plus fixed fractions of all neurons;
+    each once, capped at ``max_fraction`` of the neurons (more is never a small BA cost)."""
+    total = len(scores.ranked())
+    cap = max(1, int(total * max_fraction))
+    candidates: dict[int, float | None] = {0: None}
+    for threshold in REFERENCE_THRESHOLDS:
+        count = count_below(scores, threshold)
+        if count <= cap:
+            candidates.setdefault(count, threshold)
+    for fraction in NEURON_FRACTIONS:
+        count = max(1, round(total * fraction))
+        if count <= cap:
+            candidates.setdefault(count, None)
+    return sorted(candidates.items())
+
+
+@torch.no_grad()
+def sweep(
+    scores: NeuronScores,
+    candidates: list[tuple[int, float | None]],
+    evaluate: Callable[[PruningPlan], dict[str, float | None]],
+) -> list[SweepPoint]:
+    """Evaluate each candidate count; ``evaluate(plan)`` returns ``val_accuracy`` and optionally
+    ``reversed_asr``, ``ba`` and ``asr``."""
+    points = []
+    for count, threshold in candidates:
+        measured = evaluate(plan_by_count(scores, count))
+        points.append(SweepPoint(count, threshold, **measured))
+    return points
+
+
+@dataclass
+class OperatingPoint:
+    neurons_pruned: int
+    rule: str
+    explanation: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def choose_operating_point(
+    points: list[SweepPoint], *, ba_budget: float = DEFAULT_BA_BUDGET
+) -> OperatingPoint:
+    """Pick a point from clean data only.
+
+    Within the accuracy budget (validation accuracy at most ``ba_budget`` below the unpruned
+    model's): with a reversed trigger, the fewest neurons whose reversed-trigger success is within
+    `REVERSED_ASR_SLACK` of the lowest any in-budget point reaches; without one, the reference
+    threshold 0.2 if in budget, else the largest in-budget point below it.
+    """
+    base = next(p for p in points if p.neurons_pruned == 0)
+    floor = base.val_accuracy - ba_budget
+    allowed = [p for p in points if p.val_accuracy >= floor - 1e-9]
+    budget_text = (
+        f"validation accuracy at most {ba_budget * 100:.1f} points below the unpruned {base.val_accuracy:.3f}"
+    )
+    if base.reversed_asr is not None:
+        best = min(p.reversed_asr for p in allowed)
+        chosen = min(
+            (p for p in allowed if p.reversed_asr <= best + REVERSED_ASR_SLACK),
+            key=lambda p: p.neurons_pruned,
+        )
+        return OperatingPoint(
+            chosen.neurons_pruned,
+            "reversed-trigger",
+            f"fewest neurons whose reversed-trigger success on held-out clean images ({chosen.reversed_asr:.3f}) "
+            f"is within {REVERSED_ASR_SLACK:.2f} of the lowest in budget ({best:.3f}), with {budget_text}",
+        )
+    at_reference = [p for p in allowed if p.threshold == 0.2]
+    if at_reference:
+        chosen = at_reference[0]
+        return OperatingPoint(
+            chosen.neurons_pruned, "threshold-0.2", f"the reference threshold 0.2, within {budget_text}"
+        )
+    below = [p for p in allowed if p.threshold is not None and p.threshold < 0.2] or [base]
+    chosen = max(below, key=lambda p: p.neurons_pruned)
+    return OperatingPoint(
+        chosen.neurons_pruned,
+        "threshold-in-budget",
+        f"threshold 0.2 costs too much accuracy; the largest lower threshold with {budget_text}",
+    )

@@ -1,0 +1,419 @@
+"""`sanitize(model, data)`: the front door. Score neurons with a defense, choose how many to prune
+from clean data only, bake the plan into a copy, measure, and report.
+
+The input model is never changed: the defense works on a private copy, and the cleaned model is
+another copy with the plan baked into plain weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+import hubdefend
+from hubdefend.adapters import LoadedModel, adapter_for
+from hubdefend.bake import PruningPlan, bake
+from hubdefend.defenses import DefenseOutput, NeuronScores, data_free_defenses, get_defense
+from hubdefend.errors import DataError, DefenseError
+from hubdefend.masks import NeuronMasks
+from hubdefend.planning import (
+    DEFAULT_BA_BUDGET,
+    OperatingPoint,
+    PruneRule,
+    SweepPoint,
+    candidate_counts,
+    choose_operating_point,
+    count_below,
+    plan_by_count,
+    sweep,
+)
+from hubdefend.report import Report
+from hubdefend.training import logits_of, make_accelerator
+
+MIN_DEFENDER_IMAGES = 20
+
+
+@dataclass
+class SanitizeResult:
+    """What `sanitize` returns.
+
+    Attributes:
+        model: the cleaned copy (plan baked into plain weights, no hooks).
+        scores: the defense's per-neuron scores.
+        plan: the pruning plan that was baked.
+        report: the `Report`.
+        loaded: the source model with its family facts (for saving in the family layout).
+        reversed_trigger: the trigger reversed from clean data, when there is one.
+    """
+
+    model: nn.Module
+    scores: NeuronScores
+    plan: PruningPlan
+    report: Report
+    loaded: LoadedModel
+    reversed_trigger: Any = None
+
+    def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the cleaned model in its family layout plus ``report.json``."""
+        folder = hubdefend.save(
+            self.model, directory, image_processor=self.loaded.image_processor, overwrite=overwrite
+        )
+        self.report.save(folder / "report.json")
+        return folder
+
+
+def _as_loaded(model: nn.Module | LoadedModel | str) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, (str, Path)):
+        from hubdefend.sources import resolve_model
+
+        return resolve_model(str(model))
+    adapter = adapter_for(model)
+    return LoadedModel(model, adapter.family, adapter.architecture(model), {})
+
+
+def num_classes_of(model: nn.Module) -> int:
+    """The number of classes a classifier predicts."""
+    for attr in ("num_classes", "num_labels"):
+        value = getattr(model, attr, None) or getattr(getattr(model, "config", None), attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if linears:
+        return linears[-1].out_features
+    raise DefenseError("Cannot tell how many classes this model predicts; pass num_classes=.")
+
+
+def default_kinds(model: nn.Module) -> tuple[str, ...]:
+    """Norm channels for CNNs; MLP hidden units for transformers, whose LayerNorm channels are one
+    residual coordinate shared by every block (masking them leaves a ViT backdoor in place)."""
+    groups = hubdefend.discover(model, kinds=("mlp", "head")) if _has_attention(model) else []
+    return ("mlp",) if any(g.kind == "mlp" for g in groups) else ("norm",)
+
+
+def _has_attention(model: nn.Module) -> bool:
+    return any(hasattr(m, "num_heads") or hasattr(m, "num_attention_heads") for m in model.modules())
+
+
+def _check_finite(model: nn.Module) -> None:
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise DefenseError(
+                f"The model's {name} holds NaN or infinite values, so no defense can be measured on it. "
+                "Check the checkpoint; re-download or re-save it."
+            )
+
+
+def _materialize(dataset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack a (small) dataset of ``(pixels, label)`` pairs into two tensors."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256, shuffle=False)
+    xs, ys = [], []
+    for x, y in loader:
+        xs.append(x)
+        ys.append(torch.as_tensor(y))
+        if limit is not None and sum(len(b) for b in xs) >= limit:
+            break
+    if not xs:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    x, y = torch.cat(xs), torch.cat(ys).long()
+    return (x[:limit], y[:limit]) if limit is not None else (x, y)
+
+
+class _Evaluator:
+    """Batched predictions of one model under masks that stand for a pruning plan: every sweep
+    point is measured on the same model with hooks, with no copy per point."""
+
+    def __init__(
+        self, model: nn.Module, groups, normalize, accelerator: Accelerator, batch_size: int = 256
+    ) -> None:
+        self.model = model.eval()
+        self.masks = NeuronMasks(groups)
+        self.index = {g.name: i for i, g in enumerate(groups)}
+        self.normalize = normalize
+        self.device = accelerator.device
+        self.accelerator = accelerator
+        self.batch_size = batch_size
+        self.model.to(self.device)
+        self.masks.to(self.device)
+
+    @torch.no_grad()
+    def set_plan(self, plan: PruningPlan) -> None:
+        for mask in self.masks.mask:
+            mask.fill_(1.0)
+        for name, indices in plan.pruned.items():
+            self.masks.mask[self.index[name]][indices] = 0.0
+
+    @torch.no_grad()
+    def predict(self, pixels: torch.Tensor, transform=None) -> torch.Tensor:
+        out = []
+        for start in range(0, len(pixels), self.batch_size):
+            x = pixels[start : start + self.batch_size].to(self.device)
+            if transform is not None:
+                x = transform(x)
+            with self.accelerator.autocast():
+                out.append(logits_of(self.model(self.normalize(x))).argmax(1).cpu())
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def _asr(predictions: torch.Tensor, labels: torch.Tensor, target: int) -> float | None:
+    keep = labels != target  # the field's convention: only images whose true class is not the target
+    return None if keep.sum() == 0 else (predictions[keep] == target).float().mean().item()
+
+
+def sanitize(
+    model: nn.Module | LoadedModel | str,
+    data=None,
+    defense: str = "anp",
+    trigger=None,
+    eval_data=None,
+    prune: str | float | int = "auto",
+    seed: int = 0,
+    accelerator: Accelerator | None = None,
+    *,
+    preprocessing=None,
+    kinds: tuple[str, ...] | None = None,
+    defender_size: int | float | None = None,
+    ba_budget: float = DEFAULT_BA_BUDGET,
+    eval_sweep: bool = False,
+    mixed_precision: str | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> SanitizeResult:
+    """Find and prune a model's backdoor neurons with clean data only.
+
+    Args:
+        model: a timm / transformers / torch model, a `LoadedModel`, or a source (folder, ``timm:NAME``).
+        data: the defender's clean data: a Dataset or DataLoader of ``(pixels, label)`` pairs, or a
+            data spec (``fmnist:train``, an image folder, ``hf:NAME``). 20% of it is held out as the
+            clean validation split that chooses the operating point.
+        defense: a registered defense name (`hubdefend.defenses.list_defenses`).
+        trigger: the attack's trigger (spec string or object) when known, to measure ASR.
+        eval_data: clean test data for BA (and ASR with ``trigger``); never used to choose.
+        prune: ``"auto"``, a threshold in [0, 1) or a neuron count.
+        seed: seeds the split, the defense and the sweep: same inputs, same plan.
+        accelerator: an `accelerate.Accelerator`; built when not given.
+        preprocessing: a `hubdefend.preprocess.Preprocessing`; read from the model when not given.
+        kinds: neuron kinds to prune; default `default_kinds` (norm for CNNs, mlp for transformers).
+        defender_size: use only this many (int) or this fraction (float) of ``data`` for the defense.
+        ba_budget: the validation accuracy the automatic point may spend (default 2 points).
+        eval_sweep: also measure BA/ASR on ``eval_data`` at every sweep point (for benchmarks).
+        mixed_precision: ``"bf16"`` or ``"fp16"`` when building the accelerator.
+        **options: the defense's config fields (e.g. ``iterations=500`` for ANP).
+    """
+    from hubdefend.data import check_labels, defender_split, load_data
+    from hubdefend.preprocess import Preprocessing
+
+    started = time.perf_counter()
+    defense_cls = get_defense(defense)
+    defense_obj = defense_cls(**options)
+    rule = PruneRule.parse(prune)
+    loaded = _as_loaded(model)
+    source_model = loaded.model
+    _check_finite(source_model)
+    if preprocessing is None:
+        preprocessing = Preprocessing.from_model(source_model, image_processor=loaded.image_processor)
+    num_classes = num_classes_of(source_model)
+    accelerator = make_accelerator(accelerator, mixed_precision=mixed_precision)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+    if data is None:
+        if defense_cls.needs_data:
+            raise DataError(
+                f"The {defense} defense needs clean defender data (pass data=...). "
+                f"Data-free defenses: {', '.join(data_free_defenses()) or 'none registered yet'}."
+            )
+        raise DefenseError("Data-free defenses are not supported by sanitize yet.")
+    dataset = load_data(data, preprocessing) if isinstance(data, str) else data
+    if isinstance(dataset, torch.utils.data.DataLoader):
+        dataset = dataset.dataset
+    if len(dataset) < MIN_DEFENDER_IMAGES:
+        raise DataError(
+            f"Only {len(dataset)} defender images: give at least {MIN_DEFENDER_IMAGES} (the references use 500)."
+        )
+    if defense_cls.needs_labels:
+        check_labels(dataset, num_classes)
+    if isinstance(defender_size, float):
+        defender, val = defender_split(
+            dataset, fraction=defender_size, seed=seed, labels_needed=defense_cls.needs_labels
+        )
+    else:
+        defender, val = defender_split(
+            dataset, n=defender_size, seed=seed, labels_needed=defense_cls.needs_labels
+        )
+    val_x, val_y = _materialize(val)
+
+    # 1. Score neurons on a private copy.
+    work = copy.deepcopy(source_model).eval()
+    kinds = tuple(kinds or default_kinds(work))
+    groups = [g for g in hubdefend.discover(work, kinds=kinds) if g.kind in kinds]
+    torch.manual_seed(seed)
+    defense_started = time.perf_counter()
+    output: DefenseOutput = defense_obj.score(
+        work,
+        groups,
+        defender,
+        normalize=preprocessing.normalize,
+        num_classes=num_classes,
+        accelerator=accelerator,
+        seed=seed,
+        progress=progress,
+    )
+    defense_seconds = time.perf_counter() - defense_started
+    del work
+
+    # 2. A reversed trigger for the automatic operating point, when the defense did not make one.
+    reversed_trigger, target = output.reversed_trigger, output.target
+    if reversed_trigger is None and rule.kind == "auto":
+        reversed_trigger, target = _reverse_trigger(
+            source_model, groups, defender, preprocessing, num_classes, accelerator, seed, progress
+        )
+
+    # 3. Sweep candidates on the original model with masks, choose, bake.
+    evaluator = _Evaluator(copy.deepcopy(source_model), groups, preprocessing.normalize, accelerator)
+    label_free = not defense_cls.needs_labels
+    reference_predictions = evaluator.predict(val_x) if label_free else None
+    eval_x = eval_y = None
+    trigger_obj = _parse_trigger(trigger)
+    if eval_data is not None:
+        eval_set = load_data(eval_data, preprocessing) if isinstance(eval_data, str) else eval_data
+        eval_x, eval_y = _materialize(eval_set)
+
+    def measure(plan: PruningPlan, *, with_eval: bool) -> dict[str, float | None]:
+        evaluator.set_plan(plan)
+        truth = reference_predictions if label_free else val_y
+        result: dict[str, float | None] = {
+            "val_accuracy": (evaluator.predict(val_x) == truth).float().mean().item()
+        }
+        if reversed_trigger is not None:
+            result["reversed_asr"] = _asr(evaluator.predict(val_x, reversed_trigger.apply), val_y, target)
+        if with_eval and eval_x is not None:
+            result["ba"] = (evaluator.predict(eval_x) == eval_y).float().mean().item()
+            if trigger_obj is not None:
+                result["asr"] = _asr(evaluator.predict(eval_x, trigger_obj.apply), eval_y, trigger_obj.target)
+        return result
+
+    scores = output.scores
+    with evaluator.masks.attached_to(evaluator.model):
+        candidates = candidate_counts(scores)
+        if rule.kind == "count":
+            candidates = sorted({*candidates, (min(rule.value, len(scores.ranked())), None)})
+        elif rule.kind == "threshold":
+            candidates = sorted({*candidates, (count_below(scores, rule.value), rule.value)})
+        points = sweep(scores, candidates, lambda plan: measure(plan, with_eval=eval_sweep))
+        operating = _operating_point(rule, scores, points, ba_budget)
+        plan = plan_by_count(scores, operating.neurons_pruned)
+        before = measure(PruningPlan(), with_eval=True)
+        after = measure(plan, with_eval=True)
+    cleaned = bake(source_model, plan, groups=groups)
+
+    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else _process_peak_mb()
+    report = Report(
+        defense=defense,
+        options=defense_obj.config.to_dict(),
+        model={
+            "family": loaded.family,
+            "architecture": loaded.architecture,
+            "source": loaded.source,
+            "revision": loaded.revision,
+        },
+        data={
+            "defender_images": len(defender),
+            "validation_images": len(val),
+            "labels_used": defense_cls.needs_labels,
+            "eval_images": None if eval_x is None else len(eval_x),
+            "clean_data_only": True,
+        },
+        neuron_kinds=list(kinds),
+        neurons_total=len(scores.ranked()),
+        neurons_pruned=plan.num_pruned,
+        pruned=plan.pruned,
+        operating_point={
+            **operating.to_dict(),
+            "rule_requested": rule.kind,
+            "value": rule.value,
+            "ba_budget": ba_budget,
+        },
+        ba_before=before.get("ba"),
+        ba_after=after.get("ba"),
+        asr_before=before.get("asr"),
+        asr_after=after.get("asr"),
+        trigger=None if trigger_obj is None else trigger_obj.to_spec(),
+        val_accuracy_before=before["val_accuracy"],
+        val_accuracy_after=after["val_accuracy"],
+        reversed_asr_before=before.get("reversed_asr"),
+        reversed_asr_after=after.get("reversed_asr"),
+        suspected_target=target,
+        deviations=list(defense_cls.deviations),
+        notes=output.notes,
+        sweep=[p.to_dict() for p in points],
+        seconds=round(time.perf_counter() - started, 2),
+        defense_seconds=round(defense_seconds, 2),
+        peak_memory_mb=None if peak is None else round(peak, 1),
+        seed=seed,
+    )
+    return SanitizeResult(cleaned, scores, plan, report, loaded, reversed_trigger)
+
+
+def _operating_point(
+    rule: PruneRule, scores: NeuronScores, points: list[SweepPoint], ba_budget: float
+) -> OperatingPoint:
+    if rule.kind == "count":
+        count = min(int(rule.value), len(scores.ranked()))
+        return OperatingPoint(count, "count", f"the {count} lowest-scored neurons, as asked")
+    if rule.kind == "threshold":
+        return OperatingPoint(
+            count_below(scores, rule.value), "threshold", f"neurons scoring below {rule.value}, as asked"
+        )
+    return choose_operating_point(points, ba_budget=ba_budget)
+
+
+def _parse_trigger(trigger):
+    if trigger is None:
+        return None
+    from hubdefend.triggers import parse_trigger
+
+    return parse_trigger(trigger)
+
+
+def _reverse_trigger(model, groups, defender, preprocessing, num_classes, accelerator, seed, progress):
+    """Target from neuron noise, then a Neural Cleanse trigger for it, from clean data only."""
+    from hubdefend.inversion import invert_trigger
+    from hubdefend.target import infer_target
+
+    work = copy.deepcopy(model).eval()
+    evidence = infer_target(
+        work,
+        groups,
+        defender,
+        normalize=preprocessing.normalize,
+        num_classes=num_classes,
+        accelerator=accelerator,
+        seed=seed,
+    )
+    reversed_trigger = invert_trigger(
+        work,
+        defender,
+        preprocessing.normalize,
+        evidence.target,
+        accelerator=accelerator,
+        progress=progress,
+        seed=seed,
+    )
+    return reversed_trigger, evidence.target
+
+
+def _process_peak_mb() -> float | None:
+    """Peak resident memory of this process (CPU runs): an upper bound on the defense's own."""
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return None if not usage or math.isnan(usage) else usage / 1024
