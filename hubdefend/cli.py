@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -116,6 +118,157 @@ def inspect(
             "yes" if layer["fused_activation"] else "",
         )
     out.table(table)
+
+
+@app.command()
+def evaluate(
+    source: Annotated[str, typer.Argument(help="A saved model folder, or timm:NAME.")],
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            help="Clean test data: an image folder, hf:NAME[:SPLIT], a saved datasets folder, or fmnist[:train|test].",
+        ),
+    ],
+    trigger: Annotated[
+        str | None, typer.Option("--trigger", help="Trigger spec, e.g. badnets:size=3,corner=br,target=0.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Use only the first N images.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Measure benign accuracy (BA) and, with --trigger, attack success rate (ASR)."""
+    from hubdefend.data import load_data
+    from hubdefend.metrics import evaluate as run_evaluation
+    from hubdefend.preprocess import Preprocessing
+    from hubdefend.triggers import parse_trigger
+
+    out = Output(as_json=as_json, quiet=quiet)
+    loaded = resolve_model(source)
+    preprocessing = Preprocessing.from_model(loaded.model, image_processor=loaded.image_processor)
+    dataset = load_data(data, preprocessing, limit=limit)
+    spec = parse_trigger(trigger) if trigger else None
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256)
+    result = run_evaluation(
+        loaded.model, loader, preprocessing, trigger=spec, progress=not (quiet or as_json)
+    )
+    payload = {"source": source, "trigger": spec.to_spec() if spec else None, **result.to_dict()}
+    if as_json:
+        out.json(payload)
+        return
+    table = Table("metric", "value")
+    table.add_row("BA (benign accuracy)", f"{result.ba:.4f}  ({result.n_clean} images)")
+    if result.asr is not None:
+        table.add_row(
+            "ASR (attack success rate)", f"{result.asr:.4f}  ({result.n_triggered} non-target images)"
+        )
+        table.add_row("robust accuracy", f"{result.robust_accuracy:.4f}")
+    out.table(table)
+
+
+@app.command()
+def sanitize(
+    source: Annotated[str, typer.Argument(help="A saved model folder, or timm:NAME.")],
+    data: Annotated[
+        str,
+        typer.Option("--data", help="Clean defender data (20% is held out to choose the operating point)."),
+    ],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Folder to write the cleaned model and report.json into.")
+    ],
+    defense: Annotated[
+        str, typer.Option("--defense", help="Defense name; see `hubdefend list-defenses`.")
+    ] = "anp",
+    eval_data: Annotated[
+        str | None, typer.Option("--eval-data", help="Clean test data for BA/ASR (never used to choose).")
+    ] = None,
+    trigger: Annotated[
+        str | None, typer.Option("--trigger", help="The attack's trigger spec, when known, to measure ASR.")
+    ] = None,
+    prune: Annotated[
+        str,
+        typer.Option("--prune", help="auto, a threshold in [0,1) such as 0.2, or a neuron count such as 48."),
+    ] = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Seed for the split, the defense and the sweep.")] = 0,
+    defender_size: Annotated[
+        int | None, typer.Option("--defender-size", help="Use only N images of --data.")
+    ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option("--option", "-o", help="Defense option KEY=VALUE (repeatable), e.g. -o iterations=500."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Prune a model's backdoor neurons with clean data only; write the cleaned model and report."""
+    from hubdefend.sanitize import sanitize as run_sanitize
+
+    out = Output(as_json=as_json, quiet=quiet)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise HubDefendError(
+            f"{out_dir} exists and is not empty. Choose a new --out folder, or pass --overwrite."
+        )
+    result = run_sanitize(
+        resolve_model(source),
+        data,
+        defense=defense,
+        trigger=trigger,
+        eval_data=eval_data,
+        prune=prune,
+        seed=seed,
+        defender_size=defender_size,
+        progress=not (quiet or as_json),
+        **parse_options(option or []),
+    )
+    result.save(out_dir, overwrite=overwrite)
+    report = result.report
+    if as_json:
+        out.json(report.to_dict())
+        return
+    table = Table("", "before", "after")
+    for label, before, after in [
+        ("BA", report.ba_before, report.ba_after),
+        ("ASR", report.asr_before, report.asr_after),
+        ("validation accuracy", report.val_accuracy_before, report.val_accuracy_after),
+        ("reversed-trigger ASR", report.reversed_asr_before, report.reversed_asr_after),
+    ]:
+        table.add_row(label, _fraction(before), _fraction(after))
+    out.table(table)
+    out.line(
+        f"{report.defense}: pruned {report.neurons_pruned} of {report.neurons_total} neurons "
+        f"({report.operating_point['rule']}) in {report.seconds:.1f} s; wrote {out_dir}"
+    )
+
+
+@app.command("list-defenses")
+def list_defenses_command() -> None:
+    """List the registered defenses."""
+    from hubdefend.defenses import get_defense, list_defenses
+
+    table = Table("name", "needs data", "needs labels")
+    for name in list_defenses():
+        cls = get_defense(name)
+        table.add_row(name, "yes" if cls.needs_data else "no", "yes" if cls.needs_labels else "no")
+    Output().table(table)
+
+
+def _fraction(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs into typed options (JSON values where they parse: 500, 0.2, true)."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise HubDefendError(f"--option {pair!r}: write KEY=VALUE, e.g. -o iterations=500.")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
 
 
 def main() -> None:

@@ -328,6 +328,8 @@ def sanitize(
             "revision": loaded.revision,
         },
         data={
+            "spec": data if isinstance(data, str) else None,
+            "eval_spec": eval_data if isinstance(eval_data, str) else None,
             "defender_images": len(defender),
             "validation_images": len(val),
             "labels_used": defense_cls.needs_labels,

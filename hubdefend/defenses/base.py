@@ -15,6 +15,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from hubdefend.errors import DefenseError
 from hubdefend.neurons import NeuronGroup
 from hubdefend.training import Normalize
 
@@ -79,6 +80,12 @@ class Defense:
     deviations: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: DefenseConfig | None = None, **options: Any) -> None:
+        known = set(self.config_cls.__dataclass_fields__)
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise DefenseError(
+                f"{self.name} has no option(s) {', '.join(unknown)}. Its options: {', '.join(sorted(known))}."
+            )
         if config is None:
             config = self.config_cls(**options)
         elif options:
