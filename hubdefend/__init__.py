@@ -8,8 +8,9 @@ from hubdefend.adapters import LoadedModel, discover  # noqa: E402
 from hubdefend.bake import PruningPlan, bake  # noqa: E402
 from hubdefend.errors import HubDefendError  # noqa: E402
 from hubdefend.masks import NeuronMasks, is_masked, masked  # noqa: E402
-from hubdefend.model_io import load, save  # noqa: E402
+from hubdefend.model_io import save  # noqa: E402
 from hubdefend.neurons import NeuronGroup  # noqa: E402
+from hubdefend.sources import load  # noqa: E402
 
 __all__ = [
     "HubDefendError",

@@ -19,7 +19,7 @@ from rich.table import Table
 
 import hubdefend
 from hubdefend.errors import HubDefendError
-from hubdefend.sources import resolve_model
+from hubdefend.sources import load as load_model
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -81,7 +81,7 @@ def inspect(
 ) -> None:
     """Show a model's family, architecture, size and normalization layers (its neurons)."""
     out = Output(as_json=as_json)
-    loaded = resolve_model(source)
+    loaded = load_model(source)
     groups = hubdefend.discover(loaded.model)
     facts = {
         "source": source,
@@ -144,7 +144,7 @@ def evaluate(
     from hubdefend.triggers import parse_trigger
 
     out = Output(as_json=as_json, quiet=quiet)
-    loaded = resolve_model(source)
+    loaded = load_model(source)
     preprocessing = Preprocessing.from_model(loaded.model, image_processor=loaded.image_processor)
     dataset = load_data(data, preprocessing, limit=limit)
     spec = parse_trigger(trigger) if trigger else None
@@ -210,7 +210,7 @@ def sanitize(
             f"{out_dir} exists and is not empty. Choose a new --out folder, or pass --overwrite."
         )
     result = run_sanitize(
-        resolve_model(source),
+        load_model(source),
         data,
         defense=defense,
         trigger=trigger,

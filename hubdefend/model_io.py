@@ -85,7 +85,7 @@ def read_config(directory: Path) -> dict[str, Any]:
     return config
 
 
-def load(directory: str | Path) -> LoadedModel:
+def load_folder(directory: str | Path) -> LoadedModel:
     """Load a model saved in a family layout (timm or transformers) from a local folder.
 
     Raises:

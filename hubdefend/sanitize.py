@@ -75,9 +75,9 @@ def _as_loaded(model: nn.Module | LoadedModel | str) -> LoadedModel:
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, (str, Path)):
-        from hubdefend.sources import resolve_model
+        from hubdefend.sources import load
 
-        return resolve_model(str(model))
+        return load(str(model))
     adapter = adapter_for(model)
     return LoadedModel(model, adapter.family, adapter.architecture(model), {})
 

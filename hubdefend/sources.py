@@ -1,7 +1,7 @@
 """Turn what a user types as SOURCE into a loaded model.
 
-Today: a local model folder, or ``timm:NAME`` (a timm architecture built with random weights, which
-needs no download: handy to see where a model's neurons are). Hub ids come with the Hub loader.
+A local model folder, a Hub id, or ``timm:NAME`` (a timm architecture built with random weights,
+which needs no download: handy to see where a model's neurons are).
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from pathlib import Path
 
 from hubdefend.adapters import LoadedModel
 from hubdefend.errors import NotAModelError, UnknownArchitectureError
-from hubdefend.model_io import load
+from hubdefend.model_io import load_folder
 
 TIMM_PREFIX = "timm:"
+LOCAL_PREFIX = "local-dir:"
 
 
 def build_timm(name: str, **model_args) -> LoadedModel:
@@ -29,14 +30,20 @@ def build_timm(name: str, **model_args) -> LoadedModel:
     )
 
 
-def resolve_model(source: str) -> LoadedModel:
-    """Load the model that ``source`` names: a local folder or ``timm:NAME``."""
+def load(source: str | Path, revision: str | None = None, *, allow_pickle: bool = False) -> LoadedModel:
+    """Load the model that ``source`` names: a local folder (or timm's ``local-dir:PATH``),
+    ``timm:NAME``, or a Hub id (``org/name[@rev]``, ``hf-hub:org/name``), pinned to a commit sha."""
+    from hubdefend.hub_load import is_hub_source, load_from_hub
+
+    source = str(source)
     if source.startswith(TIMM_PREFIX):
         return build_timm(source[len(TIMM_PREFIX) :])
-    path = Path(source).expanduser()
+    path = Path(source.removeprefix(LOCAL_PREFIX)).expanduser()
     if path.exists():
-        return load(path)
+        return load_folder(path)
+    if is_hub_source(source):
+        return load_from_hub(source, revision, allow_pickle=allow_pickle)
     raise NotAModelError(
-        f"{source!r} is neither a local model folder nor timm:NAME. Give the path of a folder written by "
-        "hubdefend.save / save_for_hf / save_pretrained, or timm:resnet18 to build a timm architecture."
+        f"{source!r} is neither a local model folder, a Hub id (org/name) nor timm:NAME. Give the path of a folder "
+        "written by hubdefend.save / save_for_hf / save_pretrained, a Hub model id, or timm:resnet18."
     )

@@ -110,7 +110,7 @@ def test_folder_that_is_no_model(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(NotAModelError, match="no config.json"):
         hubdefend.load(tmp_path)
-    with pytest.raises(NotAModelError, match="not a folder"):
+    with pytest.raises(NotAModelError, match="neither a local model folder"):
         hubdefend.load(tmp_path / "missing")
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(NotAModelError, match="not valid JSON"):
