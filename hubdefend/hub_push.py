@@ -7,6 +7,7 @@ overwritten. The token comes from ``HF_TOKEN`` or ``hf auth login`` and is never
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -90,10 +91,8 @@ def push_folder(
         )
     except hub_errors.HfHubHTTPError as exc:
         if created:  # leave no empty repo behind
-            try:
+            with contextlib.suppress(hub_errors.HfHubHTTPError):
                 api.delete_repo(repo_id)
-            except hub_errors.HfHubHTTPError:
-                pass
         raise PushError(
             f"Publishing to {repo_id} failed, nothing was changed there: {_first_line(exc)}"
         ) from exc
