@@ -21,8 +21,9 @@ import hubdefend
 from hubdefend.errors import HubDefendError
 from hubdefend.sources import load as load_model
 
-EXIT_OK = 0
-EXIT_ERROR = 1
+EXIT_OK = 0  # no backdoor evidence
+EXIT_ERROR = 1  # hubdefend could not do what was asked (the message says why)
+EXIT_BACKDOOR_SUSPECTED = 10  # scan: the model is suspected to carry a backdoor
 
 app = typer.Typer(
     name="hubdefend",
@@ -239,6 +240,125 @@ def sanitize(
         f"{report.defense}: pruned {report.neurons_pruned} of {report.neurons_total} neurons "
         f"({report.operating_point['rule']}) in {report.seconds:.1f} s; wrote {out_dir}"
     )
+
+
+@app.command(
+    epilog="Exit status: 0 no backdoor evidence; 10 backdoor suspected; 1 error (one line on stderr).",
+)
+def scan(
+    source: Annotated[
+        str, typer.Argument(help="A Hub model id (org/name[@revision]), a local model folder, or timm:NAME.")
+    ],
+    data: Annotated[
+        str | None,
+        typer.Option("--data", help="Clean images for trigger-inversion detection (and the defense)."),
+    ] = None,
+    defense: Annotated[
+        str | None,
+        typer.Option(
+            "--defense", help="Sanitize with this defense (default anp when --out or --push is given)."
+        ),
+    ] = None,
+    trigger: Annotated[
+        str | None, typer.Option("--trigger", help="The attack's trigger spec, when known, to measure ASR.")
+    ] = None,
+    eval_data: Annotated[
+        str | None, typer.Option("--eval-data", help="Clean test data for BA/ASR in the report and card.")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write the cleaned model, README.md card, report.json and plots here."),
+    ] = None,
+    push: Annotated[
+        str | None, typer.Option("--push", help="Publish the cleaned model to this Hub repo in one commit.")
+    ] = None,
+    pr: Annotated[
+        bool, typer.Option("--pr", help="Open a pull request instead (on --push, or on the source repo).")
+    ] = False,
+    private: Annotated[bool, typer.Option("--private", help="Create the --push repo as private.")] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Allow pickle-only weights after a clean picklescan.")
+    ] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for detection and the defense.")] = 0,
+    option: Annotated[
+        list[str] | None, typer.Option("--option", "-o", help="Defense option KEY=VALUE (repeatable).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Is this model backdoored? With --data: which class is the target; with --out/--push: clean and publish it."""
+    from hubdefend.scan import VERDICT_SUSPECTED
+    from hubdefend.scan import scan as run_scan
+
+    out_console = Output(as_json=as_json, quiet=quiet)
+    if out is not None and out.exists() and any(out.iterdir()):
+        raise HubDefendError(f"{out} exists and is not empty. Choose a new --out folder.")
+    push_target = push
+    if pr and push is None:
+        push_target = source.removeprefix("hf-hub:").partition("@")[0]  # a pull request on the scanned repo
+    result = run_scan(
+        source,
+        data=data,
+        defense=defense,
+        trigger=trigger,
+        eval_data=eval_data,
+        out=out,
+        push=push_target,
+        pr=pr,
+        private=private,
+        allow_pickle=allow_pickle,
+        seed=seed,
+        progress=not (quiet or as_json),
+        **parse_options(option or []),
+    )
+    payload = result.to_dict()
+    if as_json:
+        out_console.json(payload)
+    else:
+        _print_scan(out_console, result)
+    if result.verdict == VERDICT_SUSPECTED:
+        raise typer.Exit(EXIT_BACKDOOR_SUSPECTED)
+
+
+def _print_scan(out: Output, result) -> None:
+    source = result.source
+    revision = f"@{source['revision'][:12]}" if source.get("revision") else ""
+    facts = result.model
+    out.line(
+        f"[bold]{source['id']}{revision}[/]: {facts['architecture']} ({facts['family']}), "
+        f"{facts['parameters']:,} parameters, {facts['neurons']:,} neurons in {facts['norm_layers']} norm layers"
+    )
+    for warning in result.warnings:
+        out.line(f"[yellow]warning:[/] {warning}")
+    if result.verdict == "backdoor_suspected":
+        out.line(
+            f"[bold red]backdoored, target class {result.suspected_target}[/] "
+            f"(anomaly index {result.anomaly_index:.2f}, {result.detection.get('method')})"
+        )
+    else:
+        note = result.detection.get("note") or f"anomaly index {result.anomaly_index:.2f} <= 2"
+        out.line(f"[bold green]no backdoor evidence[/] ({note})")
+    if result.sanitize:
+        report = result.sanitize
+        table = Table("", "before", "after")
+        for label, key in [
+            ("BA", "ba"),
+            ("ASR", "asr"),
+            ("reversed-trigger ASR", "reversed_asr"),
+            ("validation accuracy", "val_accuracy"),
+        ]:
+            table.add_row(
+                label, _fraction(report.get(f"{key}_before")), _fraction(report.get(f"{key}_after"))
+            )
+        out.table(table)
+        out.line(
+            f"{report['defense']}: pruned {report['neurons_pruned']} of {report['neurons_total']} neurons; wrote {result.out}"
+        )
+    if result.pushed:
+        pushed = result.pushed
+        out.line(
+            f"pushed to {pushed['repo_id']} (commit {pushed['commit_sha'][:12]}){' ' + pushed['pr_url'] if pushed.get('pr_url') else ''}"
+        )
 
 
 @app.command("list-defenses")

@@ -1,0 +1,175 @@
+"""`hubdefend scan`: is this model backdoored, and if so, clean it and publish the result.
+
+Without data, scan reports what can be said safely (model facts and the loading checks). With
+clean data it reverses a trigger for every class (Neural Cleanse) and flags a class whose trigger is
+abnormally small (MAD anomaly index > 2); with a defense, an output folder or a push target it also
+sanitizes and writes the cleaned model, its card, ``report.json`` and plots.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hubdefend
+from hubdefend.report import SCHEMA_VERSION
+
+VERDICT_SUSPECTED = "backdoor_suspected"
+VERDICT_NONE = "no_evidence"
+DETECTION_IMAGES = 500
+ANOMALY_THRESHOLD = 2.0  # Neural Cleanse's MAD rule
+
+
+@dataclass
+class ScanResult:
+    """Everything `scan` found and did; ``to_dict()`` is the ``--json`` output and ``report.json``."""
+
+    source: dict[str, Any]
+    model: dict[str, Any]
+    verdict: str = VERDICT_NONE
+    suspected_target: int | None = None
+    anomaly_index: float | None = None
+    detection: dict[str, Any] = field(default_factory=dict)
+    sanitize: dict[str, Any] | None = None
+    pushed: dict[str, Any] | None = None
+    out: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        payload = dict(self.sanitize or {})
+        payload.update(
+            {
+                "source": self.source,
+                "model_facts": self.model,
+                "verdict": self.verdict,
+                "suspected_target": self.suspected_target,
+                "anomaly_index": self.anomaly_index,
+                "detection": self.detection,
+                "pushed": self.pushed,
+                "out": self.out,
+                "warnings": self.warnings,
+                "hubdefend_version": hubdefend.__version__,
+                "schema_version": SCHEMA_VERSION,
+            }
+        )
+        return payload
+
+
+def _facts(loaded) -> dict[str, Any]:
+    groups = hubdefend.discover(loaded.model)
+    return {
+        "family": loaded.family,
+        "architecture": loaded.architecture,
+        "parameters": sum(p.numel() for p in loaded.model.parameters()),
+        "norm_layers": len(groups),
+        "neurons": sum(g.num_neurons for g in groups),
+    }
+
+
+def _detect(loaded, dataset, preprocessing, num_classes: int, seed: int, progress: bool) -> dict[str, Any]:
+    from hubdefend.data import defender_split
+    from hubdefend.inversion import invert_all_classes
+
+    subset, _ = defender_split(
+        dataset, n=min(DETECTION_IMAGES, len(dataset) - 1), val_fraction=0.0, seed=seed
+    )
+    result = invert_all_classes(
+        loaded.model, subset, preprocessing.normalize, num_classes, progress=progress, seed=seed
+    )
+    return result.to_dict()
+
+
+def scan(
+    source: str,
+    *,
+    data: str | None = None,
+    defense: str | None = None,
+    trigger: str | None = None,
+    eval_data: str | None = None,
+    out: str | Path | None = None,
+    push: str | None = None,
+    pr: bool = False,
+    private: bool = False,
+    allow_pickle: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    **options: Any,
+) -> ScanResult:
+    """Scan ``source`` (Hub id, folder or ``timm:NAME``); see the module docstring."""
+    from hubdefend.sources import load
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load(source, allow_pickle=allow_pickle)
+    result = ScanResult(
+        source={"id": loaded.source or source, "revision": loaded.revision},
+        model=_facts(loaded),
+        warnings=[str(w.message) for w in caught],
+    )
+    if push and pr is False and push == loaded.source:
+        from hubdefend.hub_push import PushError
+
+        raise PushError(
+            f"Refusing to overwrite {push}, the model that was scanned. Pass --pr, or push to a new repo."
+        )
+    if data is None:
+        result.detection = {
+            "method": None,
+            "note": "No data-free detector ran: pass --data with a few hundred clean images for trigger-inversion "
+            "detection. The loading checks above passed.",
+        }
+        return result
+
+    from hubdefend.data import load_data
+    from hubdefend.preprocess import Preprocessing
+    from hubdefend.sanitize import num_classes_of, sanitize
+
+    preprocessing = Preprocessing.from_model(loaded.model, image_processor=loaded.image_processor)
+    dataset = load_data(data, preprocessing)
+    num_classes = num_classes_of(loaded.model)
+    detection = _detect(loaded, dataset, preprocessing, num_classes, seed, progress)
+    result.detection = {"method": "neural-cleanse", **detection}
+    result.suspected_target = detection.get("suspected_target")
+    indices = detection.get("anomaly_index") or []
+    result.anomaly_index = max(indices) if indices else None
+    result.verdict = VERDICT_SUSPECTED if result.suspected_target is not None else VERDICT_NONE
+
+    if defense is None and out is None and push is None:
+        return result
+    cleaned = sanitize(
+        loaded,
+        data,
+        defense=defense or "anp",
+        trigger=trigger,
+        eval_data=eval_data,
+        seed=seed,
+        progress=progress,
+        **options,
+    )
+    result.sanitize = cleaned.report.to_dict()
+    folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="hubdefend-scan-")) / "cleaned"
+    write_outputs(
+        cleaned, folder, source_id=result.source["id"], repo_id=push, license=loaded.extra.get("license")
+    )
+    result.out = str(folder)
+    if push:
+        from hubdefend.hub_push import push_folder
+
+        pushed = push_folder(folder, push, create_pr=pr, private=private, source_repo=loaded.source)
+        result.pushed = pushed.to_dict()
+    return result
+
+
+def write_outputs(cleaned, folder: Path, *, source_id: str, repo_id: str | None, license: str | None) -> Path:
+    """Cleaned model in its family layout, ``README.md`` (the card), ``report.json`` and plots."""
+    from hubdefend.card import render_card
+    from hubdefend.plots import plot_report
+
+    folder = cleaned.save(folder)
+    card = render_card(cleaned.report, source_id=source_id, repo_id=repo_id, license=license)
+    card.save(folder / "README.md")
+    plot_report(cleaned.report, cleaned.scores.to_dict(), folder)
+    return folder
