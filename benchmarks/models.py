@@ -44,7 +44,9 @@ def get_model(name: str, *, progress: bool = True):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--only", nargs="*", default=list(RECIPES), choices=list(RECIPES))
     args = parser.parse_args()
     rows = []
@@ -52,7 +54,7 @@ def main() -> None:
         started = time.perf_counter()
         record = get_model(name).record
         rows.append((name, record, time.perf_counter() - started))
-    print(f"| model | trigger | train images | epochs | BA | ASR | train time (s) |")
+    print("| model | trigger | train images | epochs | BA | ASR | train time (s) |")
     print("|---|---|---|---|---|---|---|")
     for name, record, _ in rows:
         recipe = record["recipe"]
