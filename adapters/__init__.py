@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
-from hubdefend.adapters.base import Adapter, LoadedModel
 from torch import nn
 
+from hubdefend.adapters.base import Adapter, LoadedModel
 from hubdefend.errors import HubDefendError, NoNormLayersError
 from hubdefend.neurons import NEURON_KINDS, NeuronGroup
 

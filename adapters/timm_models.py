@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hubdefend.adapters import register_adapter
-from hubdefend.adapters.base import Adapter, LoadedModel
 from torch import nn
 
+from hubdefend.adapters import register_adapter
+from hubdefend.adapters.base import Adapter, LoadedModel
 from hubdefend.errors import HubDefendError, NotAModelError, UnknownArchitectureError, WeightsMismatchError
 from hubdefend.neurons import NeuronGroup
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from hubdefend.adapters import register_adapter
 from hubdefend.adapters.base import Adapter
-from torch import nn
 
 
 @register_adapter

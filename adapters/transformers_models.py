@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from hubdefend.adapters import register_adapter
 from hubdefend.adapters.base import Adapter, LoadedModel
 from hubdefend.adapters.timm_models import _join, head_group, mlp_group
-from torch import nn
-
 from hubdefend.errors import NotAModelError, UnknownArchitectureError, WeightsMismatchError
 from hubdefend.neurons import NeuronGroup
 

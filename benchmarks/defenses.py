@@ -15,11 +15,11 @@ import argparse
 import json
 from pathlib import Path
 
-from hubdefend.data import load_data
-from hubdefend.preprocess import Preprocessing
 from models import MODELS_DIR, RECIPES, get_model
 
+from hubdefend.data import load_data
 from hubdefend.defenses import get_defense, list_defenses
+from hubdefend.preprocess import Preprocessing
 from hubdefend.sanitize import sanitize
 
 DEFENDER_IMAGES = {"anp": 500, "rnp": 500, "cnp": 1000}  # DEFENSES.md: 1% (ANP, RNP), 2% unlabelled (CNP)

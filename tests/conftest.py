@@ -36,6 +36,7 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGF
     os.environ.pop(_var, None)
 
 import pytest  # noqa: E402  (after the environment on purpose)
+import torch  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +64,57 @@ def hf_api():
 
 
 # ---- end of local Hub section: other fixtures go below ----------------------------------------
+
+
+# ---- Backdoored fixtures ------------------------------------------------------------------------
+# A tiny timm ResNet trained inside the session on 4000 Fashion-MNIST images (32x32, 3 channels) with
+# 10% BadNets poisoning, and the same model trained without poisoning. About 10 s each on 2 cores.
+TINY_RECIPE = dict(
+    architecture="test_resnet",
+    trigger="badnets:size=3,corner=br,target=0",
+    train_limit=4000,
+    test_limit=2000,
+    epochs=6,
+    optimizer="adamw",
+    lr=3e-3,
+    weight_decay=1e-4,
+    image_size=32,
+    seed=0,
+)
+
+
+class TinyBackdoor:
+    """A trained tiny model, where it is saved, and the clean data a defender and an evaluator get."""
+
+    def __init__(self, folder, backdoored) -> None:
+        from hubdefend.data import load_data
+        from hubdefend.preprocess import Preprocessing
+        from hubdefend.triggers import parse_trigger
+
+        self.folder = folder
+        self.model = backdoored.model
+        self.record = backdoored.record
+        self.trigger = parse_trigger(self.record["trigger"])
+        self.preprocessing = Preprocessing.from_timm(self.model)
+        train = load_data("fmnist:train", self.preprocessing)
+        # Defender images come from the part of the training set the model was not trained on.
+        self.defender = torch.utils.data.Subset(train, range(50000, 50625))
+        self.test = load_data("fmnist:test", self.preprocessing, limit=2000)
+
+
+def _train_tiny(tmp_path_factory, name: str, **overrides) -> TinyBackdoor:
+    from hubdefend.factory import AttackRecipe, make_backdoored
+
+    folder = tmp_path_factory.mktemp("fixtures") / name
+    backdoored = make_backdoored(AttackRecipe(**{**TINY_RECIPE, **overrides}), folder, progress=False)
+    return TinyBackdoor(folder, backdoored)
+
+
+@pytest.fixture(scope="session")
+def tiny_backdoor(tmp_path_factory) -> TinyBackdoor:
+    return _train_tiny(tmp_path_factory, "tiny-badnets")
+
+
+@pytest.fixture(scope="session")
+def tiny_clean(tmp_path_factory) -> TinyBackdoor:
+    return _train_tiny(tmp_path_factory, "tiny-clean", poison_rate=0.0)
