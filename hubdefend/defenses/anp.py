@@ -61,7 +61,8 @@ class ANP(Defense):
                     for param in masks.perturbations():
                         param.grad = None
                     for _ in range(cfg.steps):
-                        accelerator.backward(-F.cross_entropy(masked_model(pixels, "perturbed"), labels))
+                        # Ascend the perturbed loss (the reference descends on -CE with signed grads).
+                        accelerator.backward(F.cross_entropy(masked_model(pixels, "perturbed"), labels))
                         with torch.no_grad():
                             for param in masks.perturbations():
                                 param.add_(param.grad.sign(), alpha=cfg.eps / cfg.steps)
