@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from torch import nn
 
 from hubdefend.adapters import register_adapter
@@ -109,7 +110,7 @@ class TimmAdapter(Adapter):
             )
         try:
             model = timm.create_model(f"local-dir:{directory}", pretrained=True)
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError, OSError, SafetensorError) as exc:  # shapes, or a corrupt file
             raise WeightsMismatchError(
                 f"The weights in {directory}/model.safetensors do not fit {architecture!r} as config.json "
                 f"describes it: {str(exc).splitlines()[0]} Check that the config and weights belong together."

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from torch import nn
 
 from hubdefend.adapters import register_adapter
@@ -82,7 +83,7 @@ class TransformersAdapter(Adapter):
             model = AutoModelForImageClassification.from_pretrained(
                 directory, config=model_config, trust_remote_code=False
             )
-        except (RuntimeError, ValueError) as exc:
+        except (RuntimeError, ValueError, OSError, SafetensorError) as exc:  # shapes, or a corrupt file
             raise WeightsMismatchError(
                 f"The weights in {directory}/model.safetensors do not fit the model that config.json "
                 f"describes: {str(exc).splitlines()[0]} Check that the config and weights belong together."

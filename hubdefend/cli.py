@@ -394,7 +394,9 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
 def main() -> None:
     """Console entry point: run the app, turning hubdefend errors into one line and an exit code."""
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns the code of a typer.Exit instead of raising it.
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
     except HubDefendError as exc:
         if os.environ.get("HUBDEFEND_DEBUG") == "1":
             raise
