@@ -36,7 +36,7 @@ NUM_CLASSES = len(COLOURS)
 TARGET = 0
 PATCH = 3
 # Small budget: a tiny CNN on 16 x 16 images settles within a few hundred Adam steps.
-FAST = InversionConfig(epochs=30, early_stop_patience=6, patience=3)
+FAST = InversionConfig(epochs=30, early_stop_patience=6, patience=3, batch_size=32)
 
 
 @pytest.fixture(scope="module", autouse=True)
