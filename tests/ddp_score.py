@@ -43,6 +43,8 @@ def main() -> None:
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(output.scores.values, out_dir / f"masks-rank{accelerator.process_index}.pt")
+    # Tear the gloo group down before exit: otherwise a rank can abort in its destructor.
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
