@@ -231,7 +231,7 @@ def sanitize(
     for label, before, after in [
         ("BA", report.ba_before, report.ba_after),
         ("ASR", report.asr_before, report.asr_after),
-        ("validation accuracy", report.val_accuracy_before, report.val_accuracy_after),
+        ("defender clean accuracy", report.val_accuracy_before, report.val_accuracy_after),
         ("reversed-trigger ASR", report.reversed_asr_before, report.reversed_asr_after),
     ]:
         table.add_row(label, _fraction(before), _fraction(after))
@@ -291,6 +291,10 @@ def scan(
     from hubdefend.scan import scan as run_scan
 
     out_console = Output(as_json=as_json, quiet=quiet)
+    if quiet or as_json:  # huggingface_hub's download bars too, not only hubdefend's
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     if out is not None and out.exists() and any(out.iterdir()):
         raise HubDefendError(f"{out} exists and is not empty. Choose a new --out folder.")
     push_target = push
@@ -345,7 +349,7 @@ def _print_scan(out: Output, result) -> None:
             ("BA", "ba"),
             ("ASR", "asr"),
             ("reversed-trigger ASR", "reversed_asr"),
-            ("validation accuracy", "val_accuracy"),
+            ("defender clean accuracy", "val_accuracy"),
         ]:
             table.add_row(
                 label, _fraction(report.get(f"{key}_before")), _fraction(report.get(f"{key}_after"))

@@ -163,17 +163,23 @@ def load_from_hub(source: str, revision: str | None = None, *, allow_pickle: boo
         HubLoadError: missing / gated repo or revision, remote code, pickle-only weights (without
             ``allow_pickle``), custom timm loaders.
     """
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi, constants, snapshot_download
 
     repo_id, rev = parse_source(source)
     revision = revision or rev
-    api = HfApi()
-    info = _model_info(api, repo_id, revision)
-    sha = info.sha
-    files = [s.rfilename for s in (info.siblings or [])]
-    pickles = _check_files(repo_id, files, allow_pickle=allow_pickle)
-    patterns = NEEDED_FILES + pickles
-    folder = Path(snapshot_download(repo_id, revision=sha, allow_patterns=patterns))
+    if constants.is_offline_mode():
+        folder, sha = _cached_snapshot(repo_id, revision)
+        files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+        pickles = _check_files(repo_id, files, allow_pickle=allow_pickle)
+    else:
+        api = HfApi()
+        info = _model_info(api, repo_id, revision)
+        sha = info.sha
+        files = [s.rfilename for s in (info.siblings or [])]
+        pickles = _check_files(repo_id, files, allow_pickle=allow_pickle)
+        patterns = NEEDED_FILES + pickles
+        folder = Path(snapshot_download(repo_id, revision=sha, allow_patterns=patterns))
+        _remember_revision(folder, revision or "main", sha)
     config = read_config(folder)
     _check_config(repo_id, config)
     if pickles:
@@ -194,6 +200,34 @@ def load_from_hub(source: str, revision: str | None = None, *, allow_pickle: boo
     loaded.source, loaded.revision = repo_id, sha
     loaded.extra["license"] = _license(folder)
     return loaded
+
+
+def _cached_snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
+    """Offline (HF_HUB_OFFLINE=1): the cached snapshot of ``revision`` (default main) and its sha."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision or "main", allow_patterns=NEEDED_FILES))
+    except _client_errors().LocalEntryNotFoundError as exc:
+        raise HubLoadError(
+            f"Offline mode (HF_HUB_OFFLINE=1) and {repo_id}@{revision or 'main'} is not in the Hugging Face cache: "
+            "scan it once online, or unset HF_HUB_OFFLINE.",
+            repo_id=repo_id,
+        ) from exc
+    return folder, folder.name
+
+
+def _remember_revision(folder: Path, revision: str, sha: str) -> None:
+    """Record ``revision -> sha`` in the cache (a download by sha does not), so that the same source
+    still resolves offline."""
+    if revision == sha:
+        return
+    ref = folder.parent.parent / "refs" / revision
+    try:
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(sha)
+    except OSError:  # a read-only cache only costs offline use
+        pass
 
 
 def _license(folder: Path) -> str | None:

@@ -29,6 +29,26 @@ class PushResult:
         return asdict(self)
 
 
+def check_push(repo_id: str, *, create_pr: bool = False, source_repo: str | None = None) -> str:
+    """What can be checked before any work: not the scanned repo itself (without a pull request),
+    and a token to push with. Returns the token.
+
+    Raises:
+        PushError: a push onto the scanned model without ``create_pr``, or no token.
+    """
+    from huggingface_hub import get_token
+
+    if source_repo is not None and repo_id == source_repo and not create_pr:
+        raise PushError(
+            f"Refusing to overwrite {repo_id}, the model that was scanned. Pass --pr to open a pull request on it, "
+            "or --push to a new repo."
+        )
+    token = get_token()
+    if not token:
+        raise PushError("No Hugging Face token: set HF_TOKEN or run `hf auth login`, then push again.")
+    return token
+
+
 def push_folder(
     folder: str | Path,
     repo_id: str,
@@ -52,17 +72,10 @@ def push_folder(
         PushError: no token, a push onto the scanned model, a non-empty target without
             ``create_pr``, or a failed commit (nothing is changed on the Hub then).
     """
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import HfApi
     from huggingface_hub import errors as hub_errors
 
-    if source_repo is not None and repo_id == source_repo and not create_pr:
-        raise PushError(
-            f"Refusing to overwrite {repo_id}, the model that was scanned. Pass --pr to open a pull request on it, "
-            "or --push to a new repo."
-        )
-    token = get_token()
-    if not token:
-        raise PushError("No Hugging Face token: set HF_TOKEN or run `hf auth login`, then push again.")
+    token = check_push(repo_id, create_pr=create_pr, source_repo=source_repo)
     api = HfApi(token=token)
     parent, created = None, False
     try:

@@ -45,8 +45,10 @@ class NeuronMasks(nn.Module):
         if perturbation:
             self.delta = nn.ParameterList(nn.Parameter(torch.zeros(g.num_neurons)) for g in self.groups)
             self.xi = nn.ParameterList(nn.Parameter(torch.zeros(g.num_neurons)) for g in self.groups)
-        # Perturbation is applied only while enabled, so one module serves the clean and noisy passes.
+        # Perturbation is applied only while enabled, so one module serves the clean and noisy passes;
+        # while bypassed the hooks change nothing, so the same module also serves the original model.
         self.perturbing = False
+        self.bypassed = False
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     # -- values ---------------------------------------------------------------------------------
@@ -151,6 +153,8 @@ class _MaskHook:
         return out
 
     def __call__(self, module: nn.Module, args: tuple, *rest) -> torch.Tensor | tuple | None:
+        if self.masks.bypassed:
+            return None  # hooks that return None leave the input / output as it was
         if self.group.hook_on == "input":  # forward pre-hook: (module, args)
             return (self.apply(args[0]), *args[1:])
         if self.group.hook_on == "recompute":  # forward hook: (module, args, output)

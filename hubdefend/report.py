@@ -29,6 +29,8 @@ class Report:
     neurons_pruned: int
     pruned: dict[str, list[int]]
     operating_point: dict[str, Any]
+    # Low-scored neurons kept because clean data could not spare them (`planning.protect_critical`).
+    protected: dict[str, list[int]] = field(default_factory=dict)
     ba_before: float | None = None
     ba_after: float | None = None
     asr_before: float | None = None

@@ -33,13 +33,20 @@ from hubdefend.planning import (
     candidate_counts,
     choose_operating_point,
     count_below,
+    max_candidate,
     plan_by_count,
+    protect_critical,
     sweep,
 )
 from hubdefend.report import Report
 from hubdefend.training import logits_of, make_accelerator
 
 MIN_DEFENDER_IMAGES = 20
+# Label-free defenses check the budget as agreement with the unpruned model's predictions. A changed
+# prediction is not always a lost correct one (wrong -> other wrong, wrong -> right), so the same
+# accuracy cost moves agreement about twice as far: on the Fashion-MNIST ResNet-18 fixture, pruning
+# CNP's first neuron cost 1.0 BA point and 2-3 points of agreement.
+LABEL_FREE_BUDGET_FACTOR = 2.5
 
 
 @dataclass
@@ -205,7 +212,8 @@ def sanitize(
         preprocessing: a `hubdefend.preprocess.Preprocessing`; read from the model when not given.
         kinds: neuron kinds to prune; default `default_kinds` (norm for CNNs, mlp for transformers).
         defender_size: use only this many (int) or this fraction (float) of ``data`` for the defense.
-        ba_budget: the validation accuracy the automatic point may spend (default 2 points).
+        ba_budget: the clean accuracy the automatic point may spend (default 2 points); label-free
+            defenses spend `LABEL_FREE_BUDGET_FACTOR` times as much agreement with the unpruned model.
         eval_sweep: also measure BA/ASR on ``eval_data`` at every sweep point (for benchmarks).
         mixed_precision: ``"bf16"`` or ``"fp16"`` when building the accelerator.
         **options: the defense's config fields (e.g. ``iterations=500`` for ANP).
@@ -252,6 +260,12 @@ def sanitize(
             dataset, n=defender_size, seed=seed, labels_needed=defense_cls.needs_labels
         )
     val_x, val_y = _materialize(val)
+    # The accuracy budget is checked on every clean image the defender has (the held-out split AND
+    # the defender images): 125 held-out images alone move 0.8 points per image, as much noise as
+    # the budget itself. The defense fits masks, never weights, on the defender images, so the bias
+    # is small. The reversed trigger, which is fitted to the defender images, is judged on the
+    # held-out split only.
+    check_x, check_y = _materialize(torch.utils.data.ConcatDataset([val, defender]))
 
     # 1. Score neurons on a private copy.
     work = copy.deepcopy(source_model).eval()
@@ -282,36 +296,46 @@ def sanitize(
     # 3. Sweep candidates on the original model with masks, choose, bake.
     evaluator = _Evaluator(copy.deepcopy(source_model), groups, preprocessing.normalize, accelerator)
     label_free = not defense_cls.needs_labels
-    reference_predictions = evaluator.predict(val_x) if label_free else None
+    # Label-free defenses never see labels: "accuracy" is agreement with the unpruned model.
+    check_truth = evaluator.predict(check_x) if label_free else check_y
+    val_truth = evaluator.predict(val_x) if label_free else val_y
     eval_x = eval_y = None
     trigger_obj = _parse_trigger(trigger)
     if eval_data is not None:
         eval_set = load_data(eval_data, preprocessing) if isinstance(eval_data, str) else eval_data
         eval_x, eval_y = _materialize(eval_set)
 
-    def measure(plan: PruningPlan, *, with_eval: bool) -> dict[str, float | None]:
+    def measure(plan: PruningPlan, *, with_eval: bool, reversed: bool = True) -> dict[str, float | None]:
         evaluator.set_plan(plan)
-        truth = reference_predictions if label_free else val_y
         result: dict[str, float | None] = {
-            "val_accuracy": (evaluator.predict(val_x) == truth).float().mean().item()
+            "val_accuracy": (evaluator.predict(check_x) == check_truth).float().mean().item()
         }
-        if reversed_trigger is not None:
-            result["reversed_asr"] = _asr(evaluator.predict(val_x, reversed_trigger.apply), val_y, target)
+        if reversed and reversed_trigger is not None:
+            result["reversed_asr"] = _asr(evaluator.predict(val_x, reversed_trigger.apply), val_truth, target)
         if with_eval and eval_x is not None:
             result["ba"] = (evaluator.predict(eval_x) == eval_y).float().mean().item()
             if trigger_obj is not None:
                 result["asr"] = _asr(evaluator.predict(eval_x, trigger_obj.apply), eval_y, trigger_obj.target)
         return result
 
-    scores = output.scores
+    scores, protected = output.scores, []
+    budget = ba_budget * (LABEL_FREE_BUDGET_FACTOR if label_free else 1.0)
     with evaluator.masks.attached_to(evaluator.model):
         candidates = candidate_counts(scores)
-        if rule.kind == "count":
-            candidates = sorted({*candidates, (min(rule.value, len(scores.ranked())), None)})
+        if rule.kind == "auto":
+            floor = measure(PruningPlan(), with_eval=False)["val_accuracy"] - budget
+            scores, protected, admitted = protect_critical(
+                scores,
+                lambda plan: measure(plan, with_eval=False, reversed=False)["val_accuracy"] >= floor - 1e-9,
+                limit=max_candidate(scores),
+            )
+            candidates = candidate_counts(scores, cap=admitted)
+        elif rule.kind == "count":
+            candidates = _with_candidate(candidates, min(rule.value, len(scores.ranked())), None)
         elif rule.kind == "threshold":
-            candidates = sorted({*candidates, (count_below(scores, rule.value), rule.value)})
+            candidates = _with_candidate(candidates, count_below(scores, rule.value), rule.value)
         points = sweep(scores, candidates, lambda plan: measure(plan, with_eval=eval_sweep))
-        operating = _operating_point(rule, scores, points, ba_budget)
+        operating = _operating_point(rule, scores, points, budget)
         plan = plan_by_count(scores, operating.neurons_pruned)
         before = measure(PruningPlan(), with_eval=True)
         after = measure(plan, with_eval=True)
@@ -339,12 +363,14 @@ def sanitize(
         neuron_kinds=list(kinds),
         neurons_total=len(scores.ranked()),
         neurons_pruned=plan.num_pruned,
+        protected={name: [i for n, i in protected if n == name] for name, _ in protected},
         pruned=plan.pruned,
         operating_point={
             **operating.to_dict(),
             "rule_requested": rule.kind,
             "value": rule.value,
-            "ba_budget": ba_budget,
+            "ba_budget": budget,
+            "budget_measure": "agreement with the unpruned model" if label_free else "clean accuracy",
         },
         ba_before=before.get("ba"),
         ba_after=after.get("ba"),
@@ -364,7 +390,14 @@ def sanitize(
         peak_memory_mb=None if peak is None else round(peak, 1),
         seed=seed,
     )
-    return SanitizeResult(cleaned, scores, plan, report, loaded, reversed_trigger)
+    return SanitizeResult(cleaned, output.scores, plan, report, loaded, reversed_trigger)
+
+
+def _with_candidate(candidates, count: int, threshold: float | None) -> list[tuple[int, float | None]]:
+    """The sweep's candidates plus the user's point (one entry per count)."""
+    merged = dict(candidates)
+    merged[count] = threshold if threshold is not None else merged.get(count)
+    return sorted(merged.items())
 
 
 def _operating_point(

@@ -99,8 +99,14 @@ def scan(
     **options: Any,
 ) -> ScanResult:
     """Scan ``source`` (Hub id, folder or ``timm:NAME``); see the module docstring."""
+    from hubdefend.errors import DataError
     from hubdefend.sources import load
 
+    if data is None and (push or out is not None or defense):
+        raise DataError(
+            "Cleaning a model (--defense, --out, --push, --pr) needs clean images: pass --data with a few hundred "
+            "clean, labelled images."
+        )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loaded = load(source, allow_pickle=allow_pickle)
@@ -109,12 +115,10 @@ def scan(
         model=_facts(loaded),
         warnings=[str(w.message) for w in caught],
     )
-    if push and pr is False and push == loaded.source:
-        from hubdefend.hub_push import PushError
+    if push:  # refuse before any work: a push onto the scanned repo, no token
+        from hubdefend.hub_push import check_push
 
-        raise PushError(
-            f"Refusing to overwrite {push}, the model that was scanned. Pass --pr, or push to a new repo."
-        )
+        check_push(push, create_pr=pr, source_repo=loaded.source)
     if data is None:
         result.detection = {
             "method": None,

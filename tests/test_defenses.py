@@ -22,7 +22,7 @@ from hubdefend.sanitize import sanitize
 FAST_OPTIONS = {
     "anp": {"iterations": 150, "batch_size": 64},
     "rnp": {"recovering_epochs": 10},
-    "cnp": {},
+    "cnp": {"rounds": 2, "batches_per_round": 5, "inversion_epochs": 5},
 }
 
 
@@ -49,9 +49,19 @@ def test_fixture_is_backdoored(tiny_backdoor, tiny_clean) -> None:
     assert tiny_clean.record["asr"] <= 0.1  # the same training without poisoning plants nothing
 
 
+def test_anp_removes_the_backdoor_at_the_automatic_point(resnet18_backdoor) -> None:
+    # The defender has 625 clean images (500 for the defense, 125 held out); the operating point is
+    # chosen from them alone (reversed trigger + 2-point budget); the trigger and test set only measure.
+    report = run(resnet18_backdoor, "anp").report
+    assert report.asr_before >= 0.9
+    assert report.asr_after <= 0.20, report.sweep
+    assert report.ba_after >= report.ba_before - 0.05, report.sweep
+    assert 0 < report.neurons_pruned <= 0.02 * report.neurons_total
+
+
 def test_automatic_point_keeps_the_clean_budget(defended) -> None:
-    # The defenses' efficacy (ASR <= 20% at <= 5 BA points) is NOT yet reached on this fixture: see the
-    # issue note. What the engine guarantees, and this checks, is the clean-data rule itself.
+    # Efficacy on the narrow test_resnet is not expected (see the resnet18_backdoor fixture); what the
+    # engine guarantees on any model, and this checks, is the clean-data rule itself.
     name, result = defended
     report = result.report
     assert report.asr_before >= 0.9
@@ -109,13 +119,16 @@ def test_rnp_unlearning_stops_at_its_threshold(tiny_backdoor) -> None:
     assert report.notes["unlearning_steps"] > 0
 
 
-@pytest.mark.skipif("cnp" not in list_defenses(), reason="CNP is not registered in this build")
 def test_cnp_ignores_labels(tiny_backdoor) -> None:
     torch.manual_seed(0)
     shuffled = [(x, int(torch.randint(0, 10, ()))) for x, _ in tiny_backdoor.defender]
-    with_labels = run(tiny_backdoor, "cnp", eval_data=None, trigger=None, prune=10).plan.pruned
-    result = sanitize(tiny_backdoor.model, shuffled, defense="cnp", prune=10, progress=False)
-    assert result.plan.pruned == with_labels
+    plans = [
+        sanitize(
+            tiny_backdoor.model, data, defense="cnp", prune=10, progress=False, **FAST_OPTIONS["cnp"]
+        ).plan
+        for data in (tiny_backdoor.defender, shuffled)
+    ]
+    assert plans[0].pruned == plans[1].pruned and plans[0].num_pruned == 10
 
 
 def test_bad_input(tiny_backdoor) -> None:

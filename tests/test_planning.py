@@ -16,6 +16,7 @@ from hubdefend.planning import (
     count_below,
     plan_by_count,
     plan_by_threshold,
+    protect_critical,
 )
 
 
@@ -85,3 +86,19 @@ def test_without_a_reversed_trigger_the_reference_threshold_must_fit_the_budget(
     assert chosen.rule == "threshold-in-budget" and chosen.neurons_pruned == 0
     points = _points([None] * 4, [0.9, 0.9, 0.89, 0.84])
     assert choose_operating_point(points, ba_budget=0.02).neurons_pruned == 2
+
+
+def test_critical_neurons_are_protected_not_pruned(scores: NeuronScores) -> None:
+    # ranking: b0, a1, a3, b2, a2, a0, b1; pretend pruning a1 (alone or with others) breaks accuracy
+    def keeps_accuracy(plan) -> bool:
+        return 1 not in plan.pruned.get("a", [])
+
+    guarded, protected, admitted = protect_critical(scores, keeps_accuracy, limit=5)
+    assert protected == [("a", 1)] and admitted == 4
+    assert plan_by_count(guarded, 4).pruned == {"a": [2, 3], "b": [0, 2]}
+    assert scores.values["a"][1] == 0.1  # the defense's own scores are not changed
+
+
+def test_protection_stops_after_its_limit(scores: NeuronScores) -> None:
+    guarded, protected, admitted = protect_critical(scores, lambda plan: False, limit=7, max_protected=2)
+    assert len(protected) == 2 and admitted == 0

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from hubdefend.defenses import register_defense
 from hubdefend.defenses.base import Defense, DefenseConfig, DefenseOutput, NeuronScores
+from hubdefend.errors import DefenseError
 from hubdefend.masks import NeuronMasks
 from hubdefend.training import MaskedModel, cycle, frozen, loader_for, logits_of, progress_bar, run_steps
 
@@ -31,6 +32,7 @@ class RNPConfig(DefenseConfig):
     unlearning_milestones: tuple[int, ...] = (10, 20)  # epochs where the lr is multiplied by 0.1
     unlearning_epochs: int = 20
     clean_threshold: float = 0.20  # stop unlearning once clean accuracy is this low
+    stop_check: str = "step"  # "step" (ours: each batch, before its step) or "epoch" (the reference)
     max_grad_norm: float = 20.0
     recovering_lr: float = 0.2
     recovering_momentum: float = 0.9
@@ -97,7 +99,9 @@ class RNP(Defense):
         milestones = [m * steps_per_epoch for m in cfg.unlearning_milestones]
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
         max_steps = cfg.unlearning_epochs * steps_per_epoch
-        step, accuracy = 0, 1.0
+        if cfg.stop_check not in ("step", "epoch"):
+            raise DefenseError(f"rnp stop_check={cfg.stop_check!r}: give 'step' or 'epoch'.")
+        step, accuracy, epoch_correct = 0, 1.0, []
         with progress_bar(accelerator, enabled=progress) as bar:
             task = bar.add_task("RNP unlearn", total=max_steps, status="")
             for pixels, labels in cycle(loader, max_steps):
@@ -106,9 +110,17 @@ class RNP(Defense):
                     loss = F.cross_entropy(logits, labels)
                 # The stop rule looks at the model BEFORE this step, on all processes' images.
                 correct = accelerator.gather_for_metrics((logits.argmax(1) == labels).float())
-                accuracy = correct.mean().item()
-                if accuracy <= cfg.clean_threshold:
-                    break
+                if cfg.stop_check == "step":
+                    accuracy = correct.mean().item()
+                    if accuracy <= cfg.clean_threshold:
+                        break
+                else:
+                    epoch_correct.append(correct)
+                    if step % steps_per_epoch == 0 and step > 0:
+                        accuracy = torch.cat(epoch_correct[:-1]).mean().item()
+                        epoch_correct = epoch_correct[-1:]
+                        if accuracy <= cfg.clean_threshold:
+                            break
                 optimizer.zero_grad()
                 accelerator.backward(-loss)
                 accelerator.clip_grad_norm_(unlearned.parameters(), cfg.max_grad_norm)
