@@ -76,7 +76,10 @@ def _main(
 @app.command()
 def inspect(
     source: Annotated[
-        str, typer.Argument(help="A saved model folder, or timm:NAME to build a timm architecture.")
+        str,
+        typer.Argument(
+            help="A saved model folder, timm:NAME to build a timm architecture, or example (the bundled model)."
+        ),
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
 ) -> None:
@@ -123,12 +126,14 @@ def inspect(
 
 @app.command()
 def evaluate(
-    source: Annotated[str, typer.Argument(help="A saved model folder, or timm:NAME.")],
+    source: Annotated[
+        str, typer.Argument(help="A saved model folder, timm:NAME, or example (the bundled model).")
+    ],
     data: Annotated[
         str,
         typer.Option(
             "--data",
-            help="Clean test data: an image folder, hf:NAME[:SPLIT], a saved datasets folder, or fmnist[:train|test].",
+            help="Clean test data: an image folder, hf:NAME[:SPLIT], a saved datasets folder, fmnist[:train|test], or example (the bundled images).",
         ),
     ],
     trigger: Annotated[
@@ -169,7 +174,9 @@ def evaluate(
 
 @app.command()
 def sanitize(
-    source: Annotated[str, typer.Argument(help="A saved model folder, or timm:NAME.")],
+    source: Annotated[
+        str, typer.Argument(help="A saved model folder, timm:NAME, or example (the bundled model).")
+    ],
     data: Annotated[
         str,
         typer.Option("--data", help="Clean defender data (20% is held out to choose the operating point)."),
@@ -247,7 +254,10 @@ def sanitize(
 )
 def scan(
     source: Annotated[
-        str, typer.Argument(help="A Hub model id (org/name[@revision]), a local model folder, or timm:NAME.")
+        str,
+        typer.Argument(
+            help="A Hub model id (org/name[@revision]), a local model folder, timm:NAME, or example."
+        ),
     ],
     data: Annotated[
         str | None,

@@ -4,7 +4,8 @@ Every source yields ``(pixels, label)``: pixels a float tensor in [0, 1] at the 
 (``Preprocessing.pixel_transform``), label an int. Triggers are applied to these pixels later, before
 the model's normalisation. Sources: a torch Dataset or DataLoader, a class-per-folder image
 directory, a Hugging Face ``datasets`` dataset (Hub name, local path, ``save_to_disk`` folder, or
-streamed), and Debian's Fashion-MNIST idx files. `load_data` parses the CLI's data spec.
+streamed), and Debian's Fashion-MNIST idx files. `load_data` parses the CLI's data spec (also
+``example``: the clean images bundled with the package, see `hubdefend.example`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from hubdefend.errors import DataError
+from hubdefend.example import images_dir, names_example
 from hubdefend.preprocess import Preprocessing
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -41,7 +43,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 IMAGE_COLUMNS = ("image", "img")
 LABEL_COLUMNS = ("label", "labels")
-SPEC_HELP = "give a class-per-folder image directory, hf:NAME[:SPLIT], a saved datasets folder, or fmnist[:train|test]"
+SPEC_HELP = "give a class-per-folder image directory, hf:NAME[:SPLIT], a saved datasets folder, fmnist[:train|test], or example"
 
 
 class PixelDataset(Dataset):
@@ -300,7 +302,8 @@ def load_data(
 
     Specs: a class-per-folder image directory; ``hf:NAME[:SPLIT]`` (Hub name or local path, loaded
     with ``datasets.load_dataset``); a folder written by ``save_to_disk`` (optionally ``DIR:SPLIT``);
-    ``fmnist[:train|test]`` (default test).
+    ``fmnist[:train|test]`` (default test); ``example`` / ``hubdefend:example``, the bundled clean
+    Fashion-MNIST test images (an image folder, `hubdefend.example.images_dir`).
 
     Args:
         spec: the data spec.
@@ -317,8 +320,10 @@ def load_data(
         raise DataError(f"limit={limit}: give a positive number of images.")
     spec = str(spec)
     name, _, spec_split = spec.partition(":")
-    if name == "fmnist":
-        dataset: Dataset = fashion_mnist(spec_split or split or "test", preprocessing)
+    if names_example(spec):
+        dataset: Dataset = image_folder(images_dir(), preprocessing)
+    elif name == "fmnist":
+        dataset = fashion_mnist(spec_split or split or "test", preprocessing)
     elif name == "hf":
         dataset = _load_hf(spec_split, preprocessing, split, image_column, label_column, streaming, limit)
     else:
