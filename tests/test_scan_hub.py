@@ -242,7 +242,8 @@ def test_timm_scan_push_and_stock_load(timm_source, timm_scan, hub_server, tmp_p
     with torch.no_grad():
         local = hubdefend.load(out).model(x)
         original = hubdefend.load(f"{source}@{sha}").model(x)
-    torch.testing.assert_close(stock_logits("timm", target, x, tmp_path), local, rtol=0, atol=0)
+    # Same weights; another process may pick other CPU kernels (thread count), so allow float noise.
+    torch.testing.assert_close(stock_logits("timm", target, x, tmp_path), local, rtol=1e-5, atol=1e-5)
     if payload["neurons_pruned"]:
         assert not torch.allclose(local, original)  # the cleaned model is not the source model
 
@@ -284,7 +285,8 @@ def test_transformers_scan_push_and_stock_load(vit_source, image_dir, hub_server
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         local = hubdefend.load(out).model(pixel_values=x).logits
-    torch.testing.assert_close(stock_logits("transformers", target, x, tmp_path), local, rtol=0, atol=0)
+    # Same weights; another process may pick other CPU kernels (thread count), so allow float noise.
+    torch.testing.assert_close(stock_logits("transformers", target, x, tmp_path), local, rtol=1e-5, atol=1e-5)
     check_card(target, source_id=source, source_sha=sha, defense="anp", with_asr=False)
 
 
