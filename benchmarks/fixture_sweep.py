@@ -1,7 +1,7 @@
 """Each defense at the automatic operating point on the test suite's ResNet-18 fixture, with the
 whole sweep (BA and ASR measured at every point for reference; the choice never sees them).
 
-    python benchmarks/fixture_sweep.py                 # anp, rnp, cnp at the tests' reduced budgets
+    python benchmarks/fixture_sweep.py                 # anp, rnp, cnp at the efficacy tests' budgets
     python benchmarks/fixture_sweep.py --defenses anp --full   # the papers' default budgets
 
 The fixture is trained once (about 50 s on 2 cores) and cached under benchmarks/models/.
@@ -27,7 +27,7 @@ from hubdefend.preprocess import Preprocessing  # noqa: E402
 from hubdefend.sanitize import sanitize  # noqa: E402
 from hubdefend.triggers import parse_trigger  # noqa: E402
 from tests.conftest import TINY_RECIPE  # noqa: E402
-from tests.test_defenses import FAST_OPTIONS  # noqa: E402
+from tests.test_defenses import EFFICACY_OPTIONS, FAST_OPTIONS  # noqa: E402
 
 FOLDER = Path(__file__).parent / "models" / "fixture-resnet18-badnets"
 
@@ -58,7 +58,7 @@ def main() -> None:
     rows = []
     for name in args.defenses.split(","):
         started = time.perf_counter()
-        options = {} if args.full else FAST_OPTIONS.get(name, {})
+        options = {} if args.full else EFFICACY_OPTIONS.get(name, FAST_OPTIONS.get(name, {}))
         result = sanitize(
             model, defender, defense=name, trigger=trigger, eval_data=test, seed=args.seed,
             eval_sweep=True, progress=False, **options,

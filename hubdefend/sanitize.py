@@ -42,11 +42,6 @@ from hubdefend.report import Report
 from hubdefend.training import logits_of, make_accelerator
 
 MIN_DEFENDER_IMAGES = 20
-# Label-free defenses check the budget as agreement with the unpruned model's predictions. A changed
-# prediction is not always a lost correct one (wrong -> other wrong, wrong -> right), so the same
-# accuracy cost moves agreement about twice as far: on the Fashion-MNIST ResNet-18 fixture, pruning
-# CNP's first neuron cost 1.0 BA point and 2-3 points of agreement.
-LABEL_FREE_BUDGET_FACTOR = 2.5
 
 
 @dataclass
@@ -161,15 +156,23 @@ class _Evaluator:
             self.masks.mask[self.index[name]][indices] = 0.0
 
     @torch.no_grad()
-    def predict(self, pixels: torch.Tensor, transform=None) -> torch.Tensor:
+    def logits(self, pixels: torch.Tensor, transform=None) -> torch.Tensor:
         out = []
         for start in range(0, len(pixels), self.batch_size):
             x = pixels[start : start + self.batch_size].to(self.device)
             if transform is not None:
                 x = transform(x)
             with self.accelerator.autocast():
-                out.append(logits_of(self.model(self.normalize(x))).argmax(1).cpu())
-        return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+                out.append(logits_of(self.model(self.normalize(x))).float().cpu())
+        return torch.cat(out) if out else torch.empty(0)
+
+    def predict(self, pixels: torch.Tensor, transform=None) -> torch.Tensor:
+        return self.logits(pixels, transform).argmax(1) if len(pixels) else torch.empty(0, dtype=torch.long)
+
+
+def _expected_accuracy(predictions: torch.Tensor, reference_probs: torch.Tensor) -> float:
+    """Accuracy estimated without labels: the probability the unpruned model gives each answer."""
+    return reference_probs[torch.arange(len(predictions)), predictions].mean().item()
 
 
 def _asr(predictions: torch.Tensor, labels: torch.Tensor, target: int) -> float | None:
@@ -212,8 +215,8 @@ def sanitize(
         preprocessing: a `hubdefend.preprocess.Preprocessing`; read from the model when not given.
         kinds: neuron kinds to prune; default `default_kinds` (norm for CNNs, mlp for transformers).
         defender_size: use only this many (int) or this fraction (float) of ``data`` for the defense.
-        ba_budget: the clean accuracy the automatic point may spend (default 2 points); label-free
-            defenses spend `LABEL_FREE_BUDGET_FACTOR` times as much agreement with the unpruned model.
+        ba_budget: the clean accuracy the automatic point may spend (default 2 points). Label-free
+            defenses estimate accuracy without labels (see `_expected_accuracy`).
         eval_sweep: also measure BA/ASR on ``eval_data`` at every sweep point (for benchmarks).
         mixed_precision: ``"bf16"`` or ``"fp16"`` when building the accelerator.
         **options: the defense's config fields (e.g. ``iterations=500`` for ANP).
@@ -297,7 +300,11 @@ def sanitize(
     evaluator = _Evaluator(copy.deepcopy(source_model), groups, preprocessing.normalize, accelerator)
     label_free = not defense_cls.needs_labels
     # Label-free defenses never see labels: "accuracy" is agreement with the unpruned model.
-    check_truth = evaluator.predict(check_x) if label_free else check_y
+    # Label-free defenses never see labels: clean accuracy is the EXPECTED accuracy under the unpruned
+    # model's own predictive distribution (mean probability it gives to the pruned model's answer).
+    # Plain agreement overstates the cost: on the ResNet-18 fixture, pruning CNP's backdoor neuron
+    # changed 5.6% of predictions but cost 1.4 accuracy points; the expected accuracy fell 1.3.
+    reference_probs = torch.softmax(evaluator.logits(check_x), 1) if label_free else None
     val_truth = evaluator.predict(val_x) if label_free else val_y
     eval_x = eval_y = None
     trigger_obj = _parse_trigger(trigger)
@@ -308,7 +315,9 @@ def sanitize(
     def measure(plan: PruningPlan, *, with_eval: bool, reversed: bool = True) -> dict[str, float | None]:
         evaluator.set_plan(plan)
         result: dict[str, float | None] = {
-            "val_accuracy": (evaluator.predict(check_x) == check_truth).float().mean().item()
+            "val_accuracy": _expected_accuracy(evaluator.predict(check_x), reference_probs)
+            if label_free
+            else (evaluator.predict(check_x) == check_y).float().mean().item()
         }
         if reversed and reversed_trigger is not None:
             result["reversed_asr"] = _asr(evaluator.predict(val_x, reversed_trigger.apply), val_truth, target)
@@ -319,11 +328,10 @@ def sanitize(
         return result
 
     scores, protected = output.scores, []
-    budget = ba_budget * (LABEL_FREE_BUDGET_FACTOR if label_free else 1.0)
     with evaluator.masks.attached_to(evaluator.model):
         candidates = candidate_counts(scores)
         if rule.kind == "auto":
-            floor = measure(PruningPlan(), with_eval=False)["val_accuracy"] - budget
+            floor = measure(PruningPlan(), with_eval=False)["val_accuracy"] - ba_budget
             scores, protected, admitted = protect_critical(
                 scores,
                 lambda plan: measure(plan, with_eval=False, reversed=False)["val_accuracy"] >= floor - 1e-9,
@@ -335,7 +343,7 @@ def sanitize(
         elif rule.kind == "threshold":
             candidates = _with_candidate(candidates, count_below(scores, rule.value), rule.value)
         points = sweep(scores, candidates, lambda plan: measure(plan, with_eval=eval_sweep))
-        operating = _operating_point(rule, scores, points, budget)
+        operating = _operating_point(rule, scores, points, ba_budget)
         plan = plan_by_count(scores, operating.neurons_pruned)
         before = measure(PruningPlan(), with_eval=True)
         after = measure(plan, with_eval=True)
@@ -369,8 +377,10 @@ def sanitize(
             **operating.to_dict(),
             "rule_requested": rule.kind,
             "value": rule.value,
-            "ba_budget": budget,
-            "budget_measure": "agreement with the unpruned model" if label_free else "clean accuracy",
+            "ba_budget": ba_budget,
+            "budget_measure": "expected accuracy under the unpruned model's predictions (no labels)"
+            if label_free
+            else "clean accuracy",
         },
         ba_before=before.get("ba"),
         ba_after=after.get("ba"),

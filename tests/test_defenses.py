@@ -24,6 +24,11 @@ FAST_OPTIONS = {
     "rnp": {"recovering_epochs": 10},
     "cnp": {"rounds": 2, "batches_per_round": 5, "inversion_epochs": 5},
 }
+# What the efficacy tests give each defense on the ResNet-18 fixture (still far below the papers').
+EFFICACY_OPTIONS = {
+    "anp": FAST_OPTIONS["anp"],
+    "cnp": {"rounds": 4, "batches_per_round": 10, "inversion_epochs": 10},
+}
 
 
 def run(fixture, defense: str, **kwargs):
@@ -49,10 +54,13 @@ def test_fixture_is_backdoored(tiny_backdoor, tiny_clean) -> None:
     assert tiny_clean.record["asr"] <= 0.1  # the same training without poisoning plants nothing
 
 
-def test_anp_removes_the_backdoor_at_the_automatic_point(resnet18_backdoor) -> None:
+@pytest.mark.parametrize("defense", sorted(EFFICACY_OPTIONS))
+def test_defense_removes_the_backdoor_at_the_automatic_point(resnet18_backdoor, defense: str) -> None:
     # The defender has 625 clean images (500 for the defense, 125 held out); the operating point is
     # chosen from them alone (reversed trigger + 2-point budget); the trigger and test set only measure.
-    report = run(resnet18_backdoor, "anp").report
+    # RNP is not here: on this fixture its recovery stays near chance and its ranking misses the backdoor
+    # (see the issue note); its mechanics are tested below.
+    report = run(resnet18_backdoor, defense, **EFFICACY_OPTIONS[defense]).report
     assert report.asr_before >= 0.9
     assert report.asr_after <= 0.20, report.sweep
     assert report.ba_after >= report.ba_before - 0.05, report.sweep

@@ -23,6 +23,7 @@ from PIL import Image
 
 import hubdefend
 from hubdefend.cli import EXIT_BACKDOOR_SUSPECTED, EXIT_ERROR, EXIT_OK
+from hubdefend.schemas import validate as validate_schema
 
 NUM_CLASSES = 4  # trigger inversion runs once per class: few classes keep the CLI runs short
 IMAGES_PER_CLASS = 6
@@ -215,6 +216,7 @@ def timm_scan(timm_source, image_dir, tmp_path_factory) -> dict:
 def test_timm_scan_push_and_stock_load(timm_source, timm_scan, hub_server, tmp_path):
     source, sha = timm_source
     payload, out, target = timm_scan["payload"], timm_scan["out"], timm_scan["target"]
+    validate_schema(payload, "scan")  # hubdefend/schemas/scan.schema.json, with the report fields
     assert payload["source"] == {"id": source, "revision": sha}
     assert payload["verdict"] in ("backdoor_suspected", "no_evidence")
     assert payload["suspected_target"] is None or 0 <= payload["suspected_target"] < NUM_CLASSES
