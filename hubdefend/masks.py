@@ -64,10 +64,12 @@ class NeuronMasks(nn.Module):
         return {g.name: m.detach().clone() for g, m in zip(self.groups, self.mask, strict=True)}
 
     def perturbations(self) -> Iterator[nn.Parameter]:
-        """The perturbation parameters (``delta`` then ``xi``), for the adversarial step."""
+        """The perturbation parameters (``delta`` then ``xi``), for the adversarial step. ``xi`` of a
+        group without a shift (MLP units, heads) is left out: it has no effect, hence no gradient."""
         if not self.has_perturbation:
             return iter(())
-        return iter([*self.delta, *self.xi])
+        shifts = [xi for g, xi in zip(self.groups, self.xi, strict=True) if g.beta is not None]
+        return iter([*self.delta, *shifts])
 
     @torch.no_grad()
     def reset_perturbation(self, eps: float = 0.0, *, generator: torch.Generator | None = None) -> None:

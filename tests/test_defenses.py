@@ -175,3 +175,21 @@ def test_two_processes_end_with_identical_masks(tiny_backdoor, tmp_path: Path) -
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert any((v < 1).any() for v in rank0.values())  # the masks did train
+
+
+@pytest.mark.parametrize("defense", list_defenses())
+def test_defenses_run_on_vit_mlp_units(tiny_backdoor, defense: str) -> None:
+    # MLP units have no shift (beta), so their xi perturbation takes no gradient: the noise step must
+    # skip it rather than fail (it did, on the first real ViT).
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10
+    )
+    data = torch.utils.data.Subset(tiny_backdoor.defender, range(64))
+    options = {"anp": {"iterations": 2, "batch_size": 32}, "rnp": {"recovering_epochs": 1}}.get(
+        defense, {"rounds": 1, "batches_per_round": 1, "inversion_epochs": 1}
+    )
+    result = sanitize(vit, data, defense=defense, prune=3, progress=False, **options)
+    assert result.report.neuron_kinds == ["mlp"] and result.report.neurons_pruned == 3
