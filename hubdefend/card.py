@@ -96,12 +96,32 @@ def reproduce_command(report: Report, source_id: str) -> str:
         "--defense",
         report.defense,
     ]
+    if report.data.get("eval_spec"):
+        parts += ["--eval-data", report.data["eval_spec"]]
     if report.trigger:
         parts += ["--trigger", report.trigger]
+    for key, value in _changed_options(report).items():
+        parts += ["-o", f"{key}={value}"]
     if report.operating_point.get("rule_requested", "auto") != "auto":
         parts += ["--prune", str(report.operating_point.get("value"))]
     parts += ["--seed", str(report.seed), "--out", "cleaned"]
     return shlex.join(parts)
+
+
+def _changed_options(report: Report) -> dict:
+    """The defense options that differ from its defaults: what the command must repeat."""
+    from hubdefend.defenses import get_defense
+
+    try:
+        defaults = get_defense(report.defense).config_cls().to_dict()
+    except Exception:  # a defense from a plug-in that is not installed here: repeat every option
+        defaults = {}
+    # Compared as JSON: a report read back from report.json holds lists where the config has tuples.
+    return {
+        k: v
+        for k, v in report.options.items()
+        if k not in defaults or json.dumps(defaults[k], default=list) != json.dumps(v, default=list)
+    }
 
 
 def render_card(
