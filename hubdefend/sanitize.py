@@ -72,6 +72,33 @@ class SanitizeResult:
         self.report.save(folder / "report.json")
         return folder
 
+    def card(self, *, repo_id: str | None = None, license: str | None = None):
+        """The model card (a huggingface_hub ``ModelCard``), as `hubdefend scan` writes it."""
+        from hubdefend.card import render_card
+
+        return render_card(self.report, source_id=self.loaded.source, repo_id=repo_id, license=license)
+
+    def push_to_hub(self, repo_id: str, *, create_pr: bool = False, private: bool = False):
+        """Publish the cleaned model, its card, ``report.json`` and plots in ONE commit (or a pull
+        request); refuses to overwrite the source repo without ``create_pr``. Returns a `PushResult`."""
+        import tempfile
+
+        from hubdefend.hub_push import check_push, push_folder
+        from hubdefend.scan import write_outputs
+
+        check_push(repo_id, create_pr=create_pr, source_repo=self.loaded.source)
+        with tempfile.TemporaryDirectory(prefix="hubdefend-push-") as tmp:
+            folder = write_outputs(
+                self,
+                Path(tmp) / "cleaned",
+                source_id=self.loaded.source or "local model",
+                repo_id=repo_id,
+                license=None,
+            )
+            return push_folder(
+                folder, repo_id, create_pr=create_pr, private=private, source_repo=self.loaded.source
+            )
+
 
 def _as_loaded(model: nn.Module | LoadedModel | str) -> LoadedModel:
     if isinstance(model, LoadedModel):

@@ -476,3 +476,22 @@ def test_failed_commit_leaves_target_as_it_was(
     assert (hub_server.commits(target), hub_server.repo_files(target)) == before
     assert not hub_server.repos[target].fail_commits  # the injected failure was hit
     assert (out / "model.safetensors").is_file()  # the local result is kept for a later push
+
+
+def test_sanitize_result_card_and_push_to_hub(hub_server, hf_api, repo_id) -> None:
+    from huggingface_hub import ModelCard
+
+    from hubdefend.data import load_data
+    from hubdefend.preprocess import Preprocessing
+    from hubdefend.sanitize import sanitize
+
+    loaded = hubdefend.load("hubdefend:example")
+    data = load_data("example", Preprocessing.from_timm(loaded.model))
+    result = sanitize(loaded, data, defense="anp", prune=3, progress=False, iterations=2, batch_size=32)
+    card = result.card(repo_id=repo_id)
+    assert card.data.base_model == "hubdefend:example" and "hubdefend" in card.data.tags
+    pushed = result.push_to_hub(repo_id)
+    files = set(hf_api.list_repo_files(repo_id))
+    assert {"config.json", "model.safetensors", "README.md", "report.json"} <= files
+    assert hub_server.commits(repo_id)[-1] == pushed.commit_sha
+    assert ModelCard.load(repo_id).data.base_model == "hubdefend:example"
