@@ -21,12 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import hubdefend  # noqa: E402
+from hubdefend import example  # noqa: E402
 from hubdefend.data import load_data  # noqa: E402
 from hubdefend.factory import AttackRecipe, make_backdoored  # noqa: E402
 from hubdefend.preprocess import Preprocessing  # noqa: E402
 from hubdefend.sanitize import sanitize  # noqa: E402
 from hubdefend.triggers import parse_trigger  # noqa: E402
-from tests.conftest import TINY_RECIPE  # noqa: E402
 from tests.test_defenses import EFFICACY_OPTIONS, FAST_OPTIONS  # noqa: E402
 
 FOLDER = Path(__file__).parent / "models" / "fixture-resnet18-badnets"
@@ -36,7 +36,7 @@ def fixture():
     if (FOLDER / "backdoor.json").exists():
         return hubdefend.load(str(FOLDER)).model, json.loads((FOLDER / "backdoor.json").read_text())
     made = make_backdoored(
-        AttackRecipe(**{**TINY_RECIPE, "architecture": "resnet18"}), FOLDER, progress=False
+        AttackRecipe(**{**example.RECIPE, "architecture": "resnet18"}), FOLDER, progress=False
     )
     return made.model, made.record
 

@@ -22,26 +22,12 @@ from pathlib import Path
 
 import torch
 
+from hubdefend import example
 from hubdefend.data import FMNIST_CLASSES, defender_split, fashion_mnist
-from hubdefend.example import TRIGGER, images_dir
+from hubdefend.example import images_dir
 from hubdefend.factory import AttackRecipe, train_backdoored
 
-RECIPE = AttackRecipe(
-    architecture="test_resnet",
-    trigger=TRIGGER,
-    poison_rate=0.1,
-    train_data="fmnist:train",
-    test_data="fmnist:test",
-    train_limit=4000,
-    test_limit=2000,
-    image_size=32,
-    num_classes=10,
-    epochs=6,
-    optimizer="adamw",
-    lr=3e-3,
-    weight_decay=1e-4,
-    seed=0,
-)
+RECIPE = AttackRecipe(**example.RECIPE)
 IMAGES_PER_CLASS = 30
 IMAGES_SEED = 0
 

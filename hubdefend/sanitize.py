@@ -295,7 +295,8 @@ def sanitize(
     # the budget itself. The defense fits masks, never weights, on the defender images, so the bias
     # is small. The reversed trigger, which is fitted to the defender images, is judged on the
     # held-out split only.
-    check_x, check_y = _materialize(torch.utils.data.ConcatDataset([val, defender]))
+    defender_x, defender_y = _materialize(defender)
+    check_x, check_y = torch.cat([val_x, defender_x]), torch.cat([val_y, defender_y])
 
     # 1. Score neurons on a private copy.
     work = copy.deepcopy(source_model).eval()

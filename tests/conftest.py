@@ -69,18 +69,7 @@ def hf_api():
 # ---- Backdoored fixtures ------------------------------------------------------------------------
 # A tiny timm ResNet trained inside the session on 4000 Fashion-MNIST images (32x32, 3 channels) with
 # 10% BadNets poisoning, and the same model trained without poisoning. About 10 s each on 2 cores.
-TINY_RECIPE = dict(
-    architecture="test_resnet",
-    trigger="badnets:size=3,corner=br,target=0",
-    train_limit=4000,
-    test_limit=2000,
-    epochs=6,
-    optimizer="adamw",
-    lr=3e-3,
-    weight_decay=1e-4,
-    image_size=32,
-    seed=0,
-)
+from hubdefend.example import RECIPE as TINY_RECIPE  # noqa: E402  (the bundled example's recipe)
 
 
 class TinyBackdoor:

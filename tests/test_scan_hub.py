@@ -24,6 +24,7 @@ from PIL import Image
 import hubdefend
 from hubdefend.cli import EXIT_BACKDOOR_SUSPECTED, EXIT_ERROR, EXIT_OK
 from hubdefend.schemas import validate as validate_schema
+from tests.zoo import _VIT_LIKE
 
 NUM_CLASSES = 4  # trigger inversion runs once per class: few classes keep the CLI runs short
 IMAGES_PER_CLASS = 6
@@ -152,15 +153,7 @@ def tiny_vit(seed: int = 0):
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     torch.manual_seed(seed)
-    config = ViTConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=NUM_CLASSES,
-    )
+    config = ViTConfig(**_VIT_LIKE, num_labels=NUM_CLASSES)
     processor = ViTImageProcessor(size={"height": 32, "width": 32})
     return ViTForImageClassification(config).eval(), processor
 

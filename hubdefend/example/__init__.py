@@ -23,6 +23,20 @@ NAME = "example"
 QUALIFIED_NAME = "hubdefend:example"
 TRIGGER = "badnets:size=3,corner=br,target=0"
 """The trigger the bundled model was trained with."""
+RECIPE = dict(
+    architecture="test_resnet",
+    trigger=TRIGGER,
+    train_limit=4000,
+    test_limit=2000,
+    epochs=6,
+    optimizer="adamw",
+    lr=3e-3,
+    weight_decay=1e-4,
+    image_size=32,
+    seed=0,
+)
+"""`hubdefend.factory.AttackRecipe` fields of the bundled model (the rest are the defaults: 10%
+poisoning, Fashion-MNIST train/test, 10 classes); the test suite's fixtures train the same recipe."""
 
 _HERE = Path(__file__).resolve().parent
 
