@@ -81,6 +81,22 @@ class NeuronMasks(nn.Module):
             else:
                 param.zero_()
 
+    def adversarial_perturbation(
+        self, loss_of, *, eps: float, steps: int = 1, generator=None, backward=torch.Tensor.backward
+    ) -> None:
+        """ANP's neuron noise, shared by ANP, CNP and target inference: a random start in
+        [-eps, eps], then ``steps`` signed-gradient ascent steps of ``eps / steps`` on ``loss_of()``
+        (no projection, as in the references). ``backward`` is the accelerator's under Accelerate."""
+        self.reset_perturbation(eps, generator=generator)
+        for param in self.perturbations():
+            param.grad = None
+        for _ in range(steps):
+            backward(loss_of())
+            with torch.no_grad():
+                for param in self.perturbations():
+                    param.add_(param.grad.sign(), alpha=eps / steps)
+                    param.grad = None
+
     @torch.no_grad()
     def clip_masks(self) -> None:
         """Clamp every mask to [0, 1], as ANP, RNP and CNP do after each step."""

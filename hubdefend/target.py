@@ -59,17 +59,16 @@ def infer_target(
         for pixels, _ in loader:
             with torch.no_grad(), accelerator.autocast():
                 pseudo = masked_model(pixels).argmax(1)
-            masks.reset_perturbation(eps, generator=generator)
-            for param in masks.perturbations():
-                param.grad = None
-            with accelerator.autocast():
-                loss = F.cross_entropy(masked_model(pixels, "perturbed"), pseudo)
-            accelerator.backward(loss)
-            with torch.no_grad():
-                for param in masks.perturbations():
-                    param.add_(param.grad.sign(), alpha=eps)
+
+            def noisy_loss(pixels=pixels, pseudo=pseudo) -> torch.Tensor:
                 with accelerator.autocast():
-                    noisy = masked_model(pixels, "perturbed").argmax(1)
+                    return F.cross_entropy(masked_model(pixels, "perturbed"), pseudo)
+
+            masks.adversarial_perturbation(
+                noisy_loss, eps=eps, generator=generator, backward=accelerator.backward
+            )
+            with torch.no_grad(), accelerator.autocast():
+                noisy = masked_model(pixels, "perturbed").argmax(1)
             counts_clean += torch.bincount(
                 accelerator.gather_for_metrics(pseudo).cpu(), minlength=num_classes
             )

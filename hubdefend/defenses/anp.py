@@ -57,16 +57,11 @@ class ANP(Defense):
 
             def step(pixels: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
                 if cfg.eps > 0:
-                    masks.reset_perturbation(cfg.eps, generator=generator)
-                    for param in masks.perturbations():
-                        param.grad = None
-                    for _ in range(cfg.steps):
-                        # Ascend the perturbed loss (the reference descends on -CE with signed grads).
-                        accelerator.backward(F.cross_entropy(masked_model(pixels, "perturbed"), labels))
-                        with torch.no_grad():
-                            for param in masks.perturbations():
-                                param.add_(param.grad.sign(), alpha=cfg.eps / cfg.steps)
-                                param.grad = None
+                    # Ascend the perturbed loss (the reference descends on -CE with signed grads).
+                    masks.adversarial_perturbation(
+                        lambda: F.cross_entropy(masked_model(pixels, "perturbed"), labels),
+                        eps=cfg.eps, steps=cfg.steps, generator=generator, backward=accelerator.backward,
+                    )  # fmt: skip
                     perturbed, clean = masked_model(pixels, "both")
                     robust_loss = F.cross_entropy(perturbed, labels)
                 else:

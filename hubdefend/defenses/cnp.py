@@ -173,16 +173,10 @@ class CNP(Defense):
                     with torch.no_grad():
                         pseudo = inner.logits(pixels).argmax(1)  # labels are never used
                     if cfg.eps > 0:
-                        masks.reset_perturbation(cfg.eps, generator=generator)
-                        for param in masks.perturbations():
-                            param.grad = None
-                        for _ in range(cfg.steps):
-                            loss = F.cross_entropy(inner.logits(pixels, perturbed=True), pseudo)
-                            accelerator.backward(loss)
-                            with torch.no_grad():
-                                for param in masks.perturbations():
-                                    param.add_(param.grad.sign(), alpha=cfg.eps / cfg.steps)
-                                    param.grad = None
+                        masks.adversarial_perturbation(
+                            lambda: F.cross_entropy(inner.logits(pixels, perturbed=True), pseudo),
+                            eps=cfg.eps, steps=cfg.steps, generator=generator, backward=accelerator.backward,
+                        )  # fmt: skip
                     triggered = reversed_trigger.apply(pixels)
                     *views, agree = contrast(pixels, triggered)
                     loss = contrastive_loss(*views, cfg.temperature)
