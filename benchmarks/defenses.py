@@ -54,14 +54,17 @@ def run(model_name: str, defense: str, args) -> dict:
     test = load_data("fmnist:test", preprocessing, limit=args.eval_limit)
     size = args.defender_images or DEFENDER_IMAGES.get(defense, 500)
     options = dict(json.loads(args.options)) if args.options else {}
+    # Data-free defenses get no data at all (their own rule is the operating point), unless
+    # --defender-images asks for some.
+    data_free = not get_defense(defense).needs_data and args.defender_images is None
     # The defender's images come from the training half the attacker did not use for this model.
     result = sanitize(
         backdoored.model,
-        train,
+        None if data_free else train,
         defense=defense,
         trigger=record["trigger"],
         eval_data=test,
-        defender_size=int(size / 0.8),  # 20% of it is the held-out validation split
+        defender_size=None if data_free else int(size / 0.8),  # 20% of it is the held-out validation split
         eval_sweep=True,
         progress=not args.quiet,
         seed=args.seed,
@@ -88,13 +91,14 @@ def main() -> None:
     for name in args.defenses:
         get_defense(name)
     print(
-        "| model | defense | BA | ASR | neurons pruned | rule | reference best (BA/ASR/pruned) | time (s) | passes | peak MB |"
+        "| model | defense | defender images | BA | ASR | neurons pruned | rule | reference best (BA/ASR/pruned) "
+        "| time (s) | passes | peak MB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for model_name in args.models:
         record = get_model(model_name, progress=not args.quiet).record
         print(
-            f"| {model_name} | none | {record['ba'] * 100:.2f} | {record['asr'] * 100:.2f} | 0 | - | - | - | - | - |",
+            f"| {model_name} | none | - | {record['ba'] * 100:.2f} | {record['asr'] * 100:.2f} | 0 | - | - | - | - | - |",
             flush=True,
         )
         for defense in args.defenses:
@@ -106,7 +110,8 @@ def main() -> None:
                 else f"{best['ba'] * 100:.2f}/{best['asr'] * 100:.2f}/{best['neurons_pruned']}"
             )
             print(
-                f"| {model_name} | {defense} | {report['ba_after'] * 100:.2f} | {report['asr_after'] * 100:.2f} | "
+                f"| {model_name} | {defense} | {report['data']['defender_images'] + report['data']['validation_images']} "
+                f"| {report['ba_after'] * 100:.2f} | {report['asr_after'] * 100:.2f} | "
                 f"{report['neurons_pruned']}/{report['neurons_total']} | {report['operating_point']['rule']} | {best_text} | "
                 f"{report['seconds']:.0f} | {passes(report)} | {report['peak_memory_mb']:.0f} |",
                 flush=True,

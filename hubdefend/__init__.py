@@ -10,6 +10,10 @@ from hubdefend.errors import HubDefendError  # noqa: E402
 from hubdefend.masks import NeuronMasks, is_masked, masked  # noqa: E402
 from hubdefend.model_io import save  # noqa: E402
 from hubdefend.neurons import NeuronGroup  # noqa: E402
+
+# `hubdefend.sanitize` names the function (as the API promises); the module stays importable as
+# ``from hubdefend.sanitize import ...``.
+from hubdefend.sanitize import SanitizeResult, sanitize  # noqa: E402
 from hubdefend.sources import load  # noqa: E402
 
 __all__ = [
@@ -18,11 +22,13 @@ __all__ = [
     "NeuronGroup",
     "NeuronMasks",
     "PruningPlan",
+    "SanitizeResult",
     "__version__",
     "bake",
     "discover",
     "is_masked",
     "load",
     "masked",
+    "sanitize",
     "save",
 ]

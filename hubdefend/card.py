@@ -87,15 +87,10 @@ def _usage(library: str, repo_id: str) -> str:
 
 
 def reproduce_command(report: Report, source_id: str) -> str:
-    parts = [
-        "hubdefend",
-        "sanitize",
-        source_id,
-        "--data",
-        report.data.get("spec") or "DATA",
-        "--defense",
-        report.defense,
-    ]
+    parts = ["hubdefend", "sanitize", source_id]
+    if not report.data.get("data_free"):
+        parts += ["--data", report.data.get("spec") or "DATA"]
+    parts += ["--defense", report.defense]
     if report.data.get("eval_spec"):
         parts += ["--eval-data", report.data["eval_spec"]]
     if report.trigger:

@@ -177,13 +177,17 @@ def sanitize(
     source: Annotated[
         str, typer.Argument(help="A saved model folder, timm:NAME, or example (the bundled model).")
     ],
-    data: Annotated[
-        str,
-        typer.Option("--data", help="Clean defender data (20% is held out to choose the operating point)."),
-    ],
     out_dir: Annotated[
         Path, typer.Option("--out", help="Folder to write the cleaned model and report.json into.")
     ],
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            help="Clean defender data (20% is held out to choose the operating point). Data-free defenses "
+            "(clp, dbrpu, shap) run without it.",
+        ),
+    ] = None,
     defense: Annotated[
         str, typer.Option("--defense", help="Defense name; see `hubdefend list-defenses`.")
     ] = "anp",
@@ -209,7 +213,8 @@ def sanitize(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
-    """Prune a model's backdoor neurons with clean data only; write the cleaned model and report."""
+    """Prune a model's backdoor neurons with clean data only (or none, for a data-free defense); write the
+    cleaned model and report."""
     from hubdefend.sanitize import sanitize as run_sanitize
 
     out = Output(as_json=as_json, quiet=quiet)

@@ -132,7 +132,7 @@ class SweepPoint:
 
     neurons_pruned: int
     threshold: float | None  # the reference threshold that gives this count, when one does
-    val_accuracy: float  # on all the defender's clean images (held-out split + defender images)
+    val_accuracy: float | None  # on all the defender's clean images (held-out + defender); None: no data
     reversed_asr: float | None = None
     # Measured with the real trigger for the report only, never used to choose.
     ba: float | None = None

@@ -31,6 +31,8 @@ class Report:
     operating_point: dict[str, Any]
     # Low-scored neurons kept because clean data could not spare them (`planning.protect_critical`).
     protected: dict[str, list[int]] = field(default_factory=dict)
+    # True when the defense changed weights (fine-tuning, unlearning), not only pruned neurons.
+    weights_changed: bool = False
     ba_before: float | None = None
     ba_after: float | None = None
     asr_before: float | None = None

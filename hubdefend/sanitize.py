@@ -248,7 +248,7 @@ def sanitize(
         mixed_precision: ``"bf16"`` or ``"fp16"`` when building the accelerator.
         **options: the defense's config fields (e.g. ``iterations=500`` for ANP).
     """
-    from hubdefend.data import check_labels, defender_split, load_data
+    from hubdefend.data import load_data
     from hubdefend.preprocess import Preprocessing
 
     started = time.perf_counter()
@@ -265,38 +265,19 @@ def sanitize(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
-    if data is None:
-        if defense_cls.needs_data:
-            raise DataError(
-                f"The {defense} defense needs clean defender data (pass data=...). "
-                f"Data-free defenses: {', '.join(data_free_defenses()) or 'none registered yet'}."
-            )
-        raise DefenseError("Data-free defenses are not supported by sanitize yet.")
-    dataset = load_data(data, preprocessing) if isinstance(data, str) else data
-    if isinstance(dataset, torch.utils.data.DataLoader):
-        dataset = dataset.dataset
-    if len(dataset) < MIN_DEFENDER_IMAGES:
+    if data is None and defense_cls.needs_data:
         raise DataError(
-            f"Only {len(dataset)} defender images: give at least {MIN_DEFENDER_IMAGES} (the references use 500)."
+            f"The {defense} defense needs clean defender data (pass data=...). "
+            f"Data-free defenses: {', '.join(data_free_defenses()) or 'none registered yet'}."
         )
-    if defense_cls.needs_labels:
-        check_labels(dataset, num_classes)
-    if isinstance(defender_size, float):
-        defender, val = defender_split(
-            dataset, fraction=defender_size, seed=seed, labels_needed=defense_cls.needs_labels
-        )
+    if data is None:  # a data-free defense with no data at all: nothing to hold out or check with
+        defender = val = None
+        val_x = check_x = torch.empty(0)
+        val_y = check_y = torch.empty(0, dtype=torch.long)
     else:
-        defender, val = defender_split(
-            dataset, n=defender_size, seed=seed, labels_needed=defense_cls.needs_labels
+        defender, val, val_x, val_y, check_x, check_y = _defender_data(
+            data, preprocessing, defense_cls, num_classes, defender_size, seed
         )
-    val_x, val_y = _materialize(val)
-    # The accuracy budget is checked on every clean image the defender has (the held-out split AND
-    # the defender images): 125 held-out images alone move 0.8 points per image, as much noise as
-    # the budget itself. The defense fits masks, never weights, on the defender images, so the bias
-    # is small. The reversed trigger, which is fitted to the defender images, is judged on the
-    # held-out split only.
-    defender_x, defender_y = _materialize(defender)
-    check_x, check_y = torch.cat([val_x, defender_x]), torch.cat([val_y, defender_y])
 
     # 1. Score neurons on a private copy.
     work = copy.deepcopy(source_model).eval()
@@ -315,67 +296,96 @@ def sanitize(
         progress=progress,
     )
     defense_seconds = time.perf_counter() - defense_started
+    # A defense that changed weights (fine-tuning, unlearning) hands back its copy: the plan is
+    # baked into it, and only the defense's own count fits those weights.
+    base_model = output.model.eval() if output.model is not None else source_model
     del work
+    own_rule = rule.kind == "auto" and (data is None or output.model is not None)
+    if own_rule and output.own_count is None:
+        raise DefenseError(
+            f"The {defense} defense has no pruning rule of its own, so with no clean data nothing can choose "
+            "how many neurons to prune: pass data=... or prune=COUNT."
+        )
 
     # 2. A reversed trigger for the automatic operating point, when the defense did not make one.
     reversed_trigger, target = output.reversed_trigger, output.target
-    if reversed_trigger is None and rule.kind == "auto":
+    if reversed_trigger is None and rule.kind == "auto" and not own_rule:
         reversed_trigger, target = _reverse_trigger(
             source_model, groups, defender, preprocessing, num_classes, accelerator, seed, progress
         )
 
     # 3. Sweep candidates on the original model with masks, choose, bake.
-    evaluator = _Evaluator(copy.deepcopy(source_model), groups, preprocessing.normalize, accelerator)
+    evaluator = _Evaluator(copy.deepcopy(base_model), groups, preprocessing.normalize, accelerator)
+    # "Before" is the model the user gave: a defense that changed weights is judged against it.
+    source = (
+        evaluator
+        if output.model is None
+        else _Evaluator(copy.deepcopy(source_model), groups, preprocessing.normalize, accelerator)
+    )
     label_free = not defense_cls.needs_labels
-    # Label-free defenses never see labels: "accuracy" is agreement with the unpruned model.
     # Label-free defenses never see labels: clean accuracy is the EXPECTED accuracy under the unpruned
     # model's own predictive distribution (mean probability it gives to the pruned model's answer).
     # Plain agreement overstates the cost: on the ResNet-18 fixture, pruning CNP's backdoor neuron
     # changed 5.6% of predictions but cost 1.4 accuracy points; the expected accuracy fell 1.3.
-    reference_probs = torch.softmax(evaluator.logits(check_x), 1) if label_free else None
-    val_truth = evaluator.predict(val_x) if label_free else val_y
+    has_check = len(check_x) > 0
+    reference_probs = torch.softmax(source.logits(check_x), 1) if label_free and has_check else None
+    val_truth = source.predict(val_x) if label_free else val_y
     eval_x = eval_y = None
     trigger_obj = _parse_trigger(trigger)
     if eval_data is not None:
         eval_set = load_data(eval_data, preprocessing) if isinstance(eval_data, str) else eval_data
         eval_x, eval_y = _materialize(eval_set)
 
-    def measure(plan: PruningPlan, *, with_eval: bool, reversed: bool = True) -> dict[str, float | None]:
-        evaluator.set_plan(plan)
-        result: dict[str, float | None] = {
-            "val_accuracy": _expected_accuracy(evaluator.predict(check_x), reference_probs)
-            if label_free
-            else (evaluator.predict(check_x) == check_y).float().mean().item()
-        }
+    def measure(
+        plan: PruningPlan, *, with_eval: bool, reversed: bool = True, on: _Evaluator = evaluator
+    ) -> dict[str, float | None]:
+        on.set_plan(plan)
+        result: dict[str, float | None] = {"val_accuracy": None}
+        if has_check:
+            predictions = on.predict(check_x)
+            result["val_accuracy"] = (
+                _expected_accuracy(predictions, reference_probs)
+                if label_free
+                else (predictions == check_y).float().mean().item()
+            )
         if reversed and reversed_trigger is not None:
-            result["reversed_asr"] = _asr(evaluator.predict(val_x, reversed_trigger.apply), val_truth, target)
+            result["reversed_asr"] = _asr(on.predict(val_x, reversed_trigger.apply), val_truth, target)
         if with_eval and eval_x is not None:
-            result["ba"] = (evaluator.predict(eval_x) == eval_y).float().mean().item()
+            result["ba"] = (on.predict(eval_x) == eval_y).float().mean().item()
             if trigger_obj is not None:
-                result["asr"] = _asr(evaluator.predict(eval_x, trigger_obj.apply), eval_y, trigger_obj.target)
+                result["asr"] = _asr(on.predict(eval_x, trigger_obj.apply), eval_y, trigger_obj.target)
         return result
 
     scores, protected = output.scores, []
     with evaluator.masks.attached_to(evaluator.model):
         candidates = candidate_counts(scores)
-        if rule.kind == "auto":
+        own = output.own_count
+        if own_rule:
+            candidates = _with_candidate(candidates, own, None)
+        elif rule.kind == "auto":
             floor = measure(PruningPlan(), with_eval=False)["val_accuracy"] - ba_budget
             scores, protected, admitted = protect_critical(
                 scores,
                 lambda plan: measure(plan, with_eval=False, reversed=False)["val_accuracy"] >= floor - 1e-9,
-                limit=max_candidate(scores),
+                limit=max(max_candidate(scores), own or 0),
             )
             candidates = candidate_counts(scores, cap=admitted)
+            if own is not None and own <= admitted:  # the defense's published point is a candidate too
+                candidates = _with_candidate(candidates, own, None)
         elif rule.kind == "count":
             candidates = _with_candidate(candidates, min(rule.value, len(scores.ranked())), None)
         elif rule.kind == "threshold":
             candidates = _with_candidate(candidates, count_below(scores, rule.value), rule.value)
         points = sweep(scores, candidates, lambda plan: measure(plan, with_eval=eval_sweep))
-        operating = _operating_point(rule, scores, points, ba_budget)
+        operating = (
+            _own_operating_point(defense, output.own_count, data is None)
+            if own_rule
+            else _operating_point(rule, scores, points, ba_budget)
+        )
         plan = plan_by_count(scores, operating.neurons_pruned)
-        before = measure(PruningPlan(), with_eval=True)
+        before = measure(PruningPlan(), with_eval=True, on=source)
         after = measure(plan, with_eval=True)
-    cleaned = bake(source_model, plan, groups=groups)
+    cleaned = bake(base_model, plan, groups=groups)
 
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else _process_peak_mb()
     report = Report(
@@ -390,12 +400,14 @@ def sanitize(
         data={
             "spec": data if isinstance(data, str) else None,
             "eval_spec": eval_data if isinstance(eval_data, str) else None,
-            "defender_images": len(defender),
-            "validation_images": len(val),
+            "defender_images": 0 if defender is None else len(defender),
+            "validation_images": 0 if val is None else len(val),
             "labels_used": defense_cls.needs_labels,
             "eval_images": None if eval_x is None else len(eval_x),
             "clean_data_only": True,
+            "data_free": data is None,
         },
+        weights_changed=output.model is not None,
         neuron_kinds=list(kinds),
         neurons_total=len(scores.ranked()),
         neurons_pruned=plan.num_pruned,
@@ -406,7 +418,9 @@ def sanitize(
             "rule_requested": rule.kind,
             "value": rule.value,
             "ba_budget": ba_budget,
-            "budget_measure": "expected accuracy under the unpruned model's predictions (no labels)"
+            "budget_measure": "none (no clean data)"
+            if not has_check
+            else "expected accuracy under the unpruned model's predictions (no labels)"
             if label_free
             else "clean accuracy",
         },
@@ -431,11 +445,47 @@ def sanitize(
     return SanitizeResult(cleaned, output.scores, plan, report, loaded, reversed_trigger)
 
 
+def _defender_data(data, preprocessing, defense_cls, num_classes, defender_size, seed):
+    """The defender images, the held-out validation split, and the images the budget is checked on."""
+    from hubdefend.data import check_labels, defender_split, load_data
+
+    dataset = load_data(data, preprocessing) if isinstance(data, str) else data
+    if isinstance(dataset, torch.utils.data.DataLoader):
+        dataset = dataset.dataset
+    if len(dataset) < MIN_DEFENDER_IMAGES:
+        raise DataError(
+            f"Only {len(dataset)} defender images: give at least {MIN_DEFENDER_IMAGES} (the references use 500)."
+        )
+    if defense_cls.needs_labels:
+        check_labels(dataset, num_classes)
+    if isinstance(defender_size, float):
+        defender, val = defender_split(
+            dataset, fraction=defender_size, seed=seed, labels_needed=defense_cls.needs_labels
+        )
+    else:
+        defender, val = defender_split(
+            dataset, n=defender_size, seed=seed, labels_needed=defense_cls.needs_labels
+        )
+    val_x, val_y = _materialize(val)
+    # The accuracy budget is checked on every clean image the defender has (the held-out split AND
+    # the defender images): 125 held-out images alone move 0.8 points per image, as much noise as
+    # the budget itself. The defense fits masks, never weights, on the defender images, so the bias
+    # is small. The reversed trigger, which is fitted to the defender images, is judged on the
+    # held-out split only.
+    defender_x, defender_y = _materialize(defender)
+    return defender, val, val_x, val_y, torch.cat([val_x, defender_x]), torch.cat([val_y, defender_y])
+
+
 def _with_candidate(candidates, count: int, threshold: float | None) -> list[tuple[int, float | None]]:
     """The sweep's candidates plus the user's point (one entry per count)."""
     merged = dict(candidates)
     merged[count] = threshold if threshold is not None else merged.get(count)
     return sorted(merged.items())
+
+
+def _own_operating_point(defense: str, count: int, data_free: bool) -> OperatingPoint:
+    why = "no clean data was given to choose with" if data_free else "it changed weights to fit that plan"
+    return OperatingPoint(count, "defense-rule", f"{count} neurons by {defense}'s own published rule ({why})")
 
 
 def _operating_point(

@@ -53,7 +53,7 @@ def get_defense(name: str) -> type[Defense]:
         raise UnknownDefenseError(name, list_defenses()) from None
 
 
-from hubdefend.defenses import anp, cnp, rnp  # noqa: E402, F401  (built-in registrations)
+from hubdefend.defenses import anp, bnp, clp, cnp, dbrpu, mcldef, rnp, shap  # noqa: E402, F401  (built-in registrations)
 
 __all__ = [
     "Defense",

@@ -53,12 +53,20 @@ class DefenseOutput:
         reversed_trigger: a `hubdefend.inversion.ReversedTrigger` when the defense reversed one.
         target: the class the defense believes is the backdoor target, when it inferred one.
         notes: facts for the report (e.g. RNP's unlearning epochs, ANP's final losses).
+        own_count: how many of the lowest-scored neurons the defense's OWN published rule prunes
+            (e.g. CLP's "mean + 3 std per layer"). It is the automatic operating point when there is
+            no clean data to choose one with, and always for a defense that changed weights after
+            pruning (`model`), whose weights only make sense with that plan.
+        model: the defense's copy of the model when the defense changed WEIGHTS (MCLDef's
+            fine-tuning, DBR-PU's unlearning); the plan is baked into it instead of the source.
     """
 
     scores: NeuronScores
     reversed_trigger: Any = None
     target: int | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    own_count: int | None = None
+    model: nn.Module | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,28 @@ class DefenseConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def layer_outliers(
+    groups: list[NeuronGroup], values: dict[str, torch.Tensor], u: float
+) -> tuple[NeuronScores, int]:
+    """Scores and count for the "mean + u std per layer" rule of CLP, BNP and DBR-PU.
+
+    ``values`` holds a suspicion per neuron (higher = more backdoor-like) for the groups that have
+    one. The score is minus the neuron's z-score within its layer, so the rule's neurons are exactly
+    the globally lowest ``count`` (score < -u); groups without values score 0 and are never pruned.
+    """
+    scores = {}
+    for group in groups:
+        value = values.get(group.name)
+        if value is None or value.numel() < 2:
+            scores[group.name] = torch.zeros(group.num_neurons)
+            continue
+        value = value.detach().double().cpu()
+        z = (value - value.mean()) / value.std().clamp_min(1e-12)
+        scores[group.name] = (-z).float()
+    count = sum(int((scores[g.name] < -u).sum()) for g in groups if g.bakeable)
+    return NeuronScores(groups, scores), count
 
 
 class Defense:
