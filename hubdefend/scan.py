@@ -1,9 +1,12 @@
 """`hubdefend scan`: is this model backdoored, and if so, clean it and publish the result.
 
-Without data, scan reports what can be said safely (model facts and the loading checks). With
-clean data it reverses a trigger for every class (Neural Cleanse) and flags a class whose trigger is
-abnormally small (MAD anomaly index > 2); with a defense, an output folder or a push target it also
-sanitizes and writes the cleaned model, its card, ``report.json`` and plots.
+Without data, scan runs the data-free detectors of `hubdefend.detect` (a universal trigger per
+class on neutral images, whether it dominates the other classes' triggers, and MM-BD's
+maximum-margin statistic): each class is compared with the model's other classes and a backdoor is
+suspected when the top class's p-value, corrected for the maximum over K classes, is below 0.01.
+With clean data it reverses a trigger for every class (Neural Cleanse) and flags a class whose
+trigger is abnormally small (MAD anomaly index > 2); with a defense, an output folder or a push
+target it also sanitizes and writes the cleaned model, its card, ``report.json`` and plots.
 """
 
 from __future__ import annotations
@@ -82,6 +85,38 @@ def _detect(loaded, dataset, preprocessing, num_classes: int, seed: int, progres
     return result.to_dict()
 
 
+def _detect_data_free(loaded, seed: int) -> dict[str, Any]:
+    """`hubdefend.detect.detect_backdoor` on the loaded model; a note instead when it cannot run."""
+    from hubdefend.detect import detect_backdoor
+    from hubdefend.errors import HubDefendError
+    from hubdefend.preprocess import Preprocessing
+    from hubdefend.sanitize import num_classes_of
+
+    try:
+        preprocessing = Preprocessing.from_model(loaded.model, image_processor=loaded.image_processor)
+        num_classes = num_classes_of(loaded.model)
+    except HubDefendError as error:
+        return {
+            "method": None,
+            "note": f"No data-free detector ran ({error}). Pass --data for trigger inversion.",
+        }
+    if num_classes < 3:
+        return {
+            "method": None,
+            "note": f"No data-free detector ran: {num_classes} classes are too few to compare with each other.",
+        }
+    found = detect_backdoor(
+        loaded.model, preprocessing.normalize, num_classes, tuple(preprocessing.input_size), seed=seed
+    )
+    detection = found.to_dict()
+    if not found.suspected and "note" not in detection:
+        detection["note"] = (
+            f"data-free: top class {found.top_class}, anomaly index {max(found.anomaly_index):.2f}, "
+            f"p = {found.p_value:.2g} (flags at p < {found.alpha}); --data adds trigger inversion"
+        )
+    return detection
+
+
 def scan(
     source: str,
     *,
@@ -120,11 +155,11 @@ def scan(
 
         check_push(push, create_pr=pr, source_repo=loaded.source)
     if data is None:
-        result.detection = {
-            "method": None,
-            "note": "No data-free detector ran: pass --data with a few hundred clean images for trigger-inversion "
-            "detection. The loading checks above passed.",
-        }
+        result.detection = _detect_data_free(loaded, seed)
+        if result.detection["method"] is not None:
+            result.suspected_target = result.detection["suspected_target"]
+            result.anomaly_index = max(result.detection["anomaly_index"])
+            result.verdict = VERDICT_SUSPECTED if result.suspected_target is not None else VERDICT_NONE
         return result
 
     from hubdefend.data import load_data

@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import hubdefend
+from hubdefend.cli import EXIT_BACKDOOR_SUSPECTED
 from hubdefend.data import load_data
 from hubdefend.example import TRIGGER, images_dir, model_dir, names_example
 from hubdefend.metrics import evaluate
@@ -72,8 +73,9 @@ def test_evaluate_cli_json(tmp_path: Path) -> None:
 
 def test_scan_accepts_the_example(tmp_path: Path) -> None:
     result = run_cli("scan", "hubdefend:example", "--json", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == EXIT_BACKDOOR_SUSPECTED, result.stderr  # no data, and still caught
     payload = json.loads(result.stdout)
+    assert payload["verdict"] == "backdoor_suspected" and payload["suspected_target"] == 0
     assert payload["source"]["id"] == "hubdefend:example"
     assert payload["model_facts"]["architecture"] == "test_resnet"
 

@@ -54,7 +54,7 @@ def scan_payload() -> dict[str, Any]:
     (module scope, so stdout is redirected here rather than read with capsys)."""
     from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
 
-    from hubdefend.cli import EXIT_OK, main
+    from hubdefend.cli import EXIT_BACKDOOR_SUSPECTED, main
 
     bars_were_off = are_progress_bars_disabled()
     stdout = io.StringIO()
@@ -63,7 +63,7 @@ def scan_payload() -> dict[str, Any]:
         main()
     if not bars_were_off:  # --json turns huggingface_hub's bars off for the whole process
         enable_progress_bars()
-    assert exit_info.value.code == EXIT_OK
+    assert exit_info.value.code == EXIT_BACKDOOR_SUSPECTED  # the example is backdoored
     return json.loads(stdout.getvalue())  # --json: stdout is ONE JSON object and nothing else
 
 
@@ -149,7 +149,7 @@ def test_scan_with_a_defense_carries_the_whole_report(report: dict[str, Any]) ->
         ("report", lambda p: p.update(schema_version=2), "1 was expected"),
         ("report", lambda p: p["pruned"].update(layer=[-1]), "-1 is less than the minimum of 0"),
         ("scan", lambda p: p.update(verdict="clean"), "'clean' is not one of"),
-        ("scan", lambda p: p.update(verdict=VERDICT_SUSPECTED), "None is not of type 'integer'"),
+        ("scan", lambda p: p.update(suspected_target=None), "None is not of type 'integer'"),
         (
             "scan",
             lambda p: p["source"].update(revision="main"),
