@@ -37,7 +37,6 @@ applied inside the forward, as in `hubdefend.inversion`. Measured on ``benchmark
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import time
@@ -51,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hubdefend.errors import DataError
-from hubdefend.training import logits_of
+from hubdefend.training import frozen_on, logits_of
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 """Pixels in [0, 1] (N x C x H x W) to logits (N x K), normalization included."""
@@ -502,25 +501,6 @@ class _Forward:
         return logits_of(self.model(self.normalize(pixels))).float()
 
 
-@contextlib.contextmanager
-def _frozen(model: nn.Module, device: torch.device) -> Iterator[None]:
-    """Eval mode, no parameter gradients, on ``device``; flags, modes and device restored after."""
-    flags = [p.requires_grad for p in model.parameters()]
-    modes = [m.training for m in model.modules()]
-    first = next(model.parameters(), None)
-    home = first.device if first is not None else None
-    model.requires_grad_(False).eval().to(device)
-    try:
-        yield
-    finally:
-        if home is not None:
-            model.to(home)
-        for param, flag in zip(model.parameters(), flags, strict=True):
-            param.requires_grad_(flag)
-        for module, mode in zip(model.modules(), modes, strict=True):
-            module.training = mode
-
-
 def detect_backdoor(
     model: nn.Module,
     normalize: Callable[[torch.Tensor], torch.Tensor],
@@ -556,7 +536,7 @@ def detect_backdoor(
     device = torch.device(device) if device is not None else _default_device()
     started = time.perf_counter()
     outputs = []
-    with _frozen(model, device):
+    with frozen_on(model, device):
         forward = _Forward(model, normalize)
         probe = Probe(forward, num_classes, tuple(input_shape), seed, device)
         for detector in chosen:  # each draws from its own stream: the order does not matter

@@ -16,7 +16,6 @@ seeded optimisation over all of the defender data and ends with the same trigger
 
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -30,7 +29,7 @@ from rich.progress import Progress, TaskID
 from torch import nn
 
 from hubdefend.errors import DataError
-from hubdefend.training import logits_of, make_accelerator, progress_bar
+from hubdefend.training import frozen_on, logits_of, make_accelerator, progress_bar, release_optimizer
 
 Normalize = Callable[[torch.Tensor], torch.Tensor]
 
@@ -316,7 +315,7 @@ def invert_trigger(
     config = config or InversionConfig()
     accelerator = make_accelerator(accelerator)
     batches = _Batches(data, batch_size=config.batch_size, seed=seed)
-    with _prepared(model, accelerator), progress_bar(accelerator, enabled=progress) as bar:
+    with frozen_on(model, accelerator.device), progress_bar(accelerator, enabled=progress) as bar:
         task = bar.add_task(f"Inverting class {target}", total=config.epochs, status="")
         return _invert(model, batches, normalize, target, config, accelerator, seed, bar, task)
 
@@ -366,7 +365,7 @@ def invert_all_classes(
         raise DataError(f"Classes {outside} are outside 0..{num_classes - 1} (num_classes={num_classes}).")
     batches = _Batches(data, batch_size=config.batch_size, seed=seed)
     triggers = []
-    with _prepared(model, accelerator), progress_bar(accelerator, enabled=progress) as bar:
+    with frozen_on(model, accelerator.device), progress_bar(accelerator, enabled=progress) as bar:
         overall = bar.add_task("Neural Cleanse", total=len(chosen), status="")
         for target in chosen:
             task = bar.add_task(f"  class {target}", total=config.epochs, status="")
@@ -455,26 +454,6 @@ def _is_sample_dataset(data: Any) -> bool:
     first = data[0]
     pixels = first[0] if isinstance(first, (tuple, list)) else first
     return isinstance(pixels, torch.Tensor) and pixels.dim() == 3
-
-
-@contextlib.contextmanager
-def _prepared(model: nn.Module, accelerator: Accelerator) -> Iterator[None]:
-    """Freeze ``model`` in eval mode on the accelerator's device; restore flags, mode and device."""
-    requires_grad = [p.requires_grad for p in model.parameters()]
-    modes = [m.training for m in model.modules()]
-    first = next(model.parameters(), None)
-    device = first.device if first is not None else None
-    model.requires_grad_(False).eval().to(accelerator.device)
-    try:
-        yield
-    finally:
-        if device is not None:
-            model.to(device)
-        for param, flag in zip(model.parameters(), requires_grad, strict=True):
-            param.requires_grad_(flag)
-        # Per module, since a caller may keep some submodules in eval mode inside a training model.
-        for module, mode in zip(model.modules(), modes, strict=True):
-            module.training = mode
 
 
 def _to_free(values: torch.Tensor) -> torch.Tensor:
@@ -611,7 +590,7 @@ def _optimise(
                 status=f"success {success:.2f} L1 {norm:.1f} best {best_norm:.1f} cost {cost:.1e}",
             )
     finally:
-        _release(accelerator, optimizer)
+        release_optimizer(accelerator, optimizer)
 
     reached = best is not None
     if best is None or config.keep == "last":
@@ -644,13 +623,6 @@ def _not_target(labels: torch.Tensor | None, target: int, size: int, device: tor
     if labels is None or labels.dim() != 1 or len(labels) != size:
         return torch.ones(size, dtype=torch.bool, device=device)
     return labels.to(device) != target
-
-
-def _release(accelerator: Accelerator, optimizer: Any) -> None:
-    """Forget the optimizer ``prepare_optimizer`` registered, so that inverting 1000 classes does
-    not keep 1000 optimizers' state alive in the accelerator."""
-    with contextlib.suppress(AttributeError, ValueError):
-        accelerator._optimizers.remove(optimizer)
 
 
 @torch.no_grad()

@@ -111,6 +111,11 @@ class NeuronMasks(nn.Module):
             mask.clamp_(0.0, 1.0)
 
     # -- hooks ----------------------------------------------------------------------------------
+    swap_affine = True  # plain norms: swap the masked gamma/beta in for the forward (the fast path)
+
+    def _hook(self, index: int, group: NeuronGroup, model: nn.Module) -> _MaskHook:
+        return _MaskHook(self, index, group, model)
+
     def attach(self, model: nn.Module) -> NeuronMasks:
         """Register one hook per group on ``model``. All or nothing: on failure none stays."""
         if self._handles:
@@ -122,7 +127,8 @@ class NeuronMasks(nn.Module):
         handles = []
         try:
             for index, group in enumerate(self.groups):
-                handles.append(_register(model, group, _MaskHook(self, index, group, model)))
+                hook = self._hook(index, group, model)
+                handles.append(_register(model, group, hook, swap_affine=self.swap_affine))
         except BaseException:
             for handle in handles:
                 handle.remove()
@@ -278,10 +284,10 @@ class _Handles:
 
 
 def _register(
-    model: nn.Module, group: NeuronGroup, hook: _MaskHook
+    model: nn.Module, group: NeuronGroup, hook: _MaskHook, *, swap_affine: bool
 ) -> torch.utils.hooks.RemovableHandle | _Handles:
     layer = hook.layer
-    if _swappable(layer, group):
+    if swap_affine and _swappable(layer, group):
         swap = _AffineSwap(hook.masks, hook.index, group, model)
         pre = layer.register_forward_pre_hook(swap)
         return _Handles(pre, layer.register_forward_hook(swap.restore, always_call=True))

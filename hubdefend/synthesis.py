@@ -47,7 +47,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from hubdefend.errors import DataError
-from hubdefend.training import logits_of, make_accelerator, progress_bar
+from hubdefend.training import frozen_on, logits_of, make_accelerator, progress_bar, release_optimizer
 
 Normalize = Callable[[torch.Tensor], torch.Tensor]
 _EPS = 1e-6
@@ -294,7 +294,7 @@ def norm_input_statistics(
 
         return hook
 
-    with _frozen_on(model, accelerator):
+    with frozen_on(model, accelerator.device):
         handles = [m.register_forward_pre_hook(record(n)) for n, m in chosen]
         try:
             for start in range(0, len(pixels), batch_size):
@@ -310,25 +310,6 @@ def norm_input_statistics(
         var = (square / counts[name] - mean.square()).clamp_min(0)
         stats[name] = (mean.float().cpu(), var.float().cpu())
     return stats
-
-
-@contextlib.contextmanager
-def _frozen_on(model: nn.Module, accelerator: Accelerator) -> Iterator[None]:
-    """Freeze ``model`` in eval mode on the accelerator's device; restore flags, modes and device."""
-    requires_grad = [p.requires_grad for p in model.parameters()]
-    modes = [m.training for m in model.modules()]
-    first = next(model.parameters(), None)
-    device = first.device if first is not None else None
-    model.requires_grad_(False).eval().to(accelerator.device)
-    try:
-        yield
-    finally:
-        if device is not None:
-            model.to(device)
-        for param, flag in zip(model.parameters(), requires_grad, strict=True):
-            param.requires_grad_(flag)
-        for module, mode in zip(model.modules(), modes, strict=True):
-            module.training = mode
 
 
 # --- image priors ---------------------------------------------------------------------------------
@@ -414,7 +395,11 @@ def synthesize(
     hooks = _StatisticsHooks(layers)
     batches, bn_losses, ces = [], [], []
     initial_bn = None
-    with _frozen_on(model, accelerator), hooks.attached(), progress_bar(accelerator, enabled=progress) as bar:
+    with (
+        frozen_on(model, accelerator.device),
+        hooks.attached(),
+        progress_bar(accelerator, enabled=progress) as bar,
+    ):
         task = bar.add_task("synthesize", total=math.ceil(n / config.batch_size) * config.steps, status="")
         for start in range(0, n, config.batch_size):
             batch_labels = labels[start : start + config.batch_size]
@@ -506,7 +491,7 @@ def _optimise_batch(
                     logits_var.clamp_(0.0, 1.0)
             bar.update(task, advance=1, status=f"ce={ce.item():.3f} bn={float(bn_loss.detach()):.3f}")
     finally:
-        _release(accelerator, optimizer)
+        release_optimizer(accelerator, optimizer)
     pixels = torch.sigmoid(logits_var.detach()) if sigmoid else logits_var.detach().clone()
     return pixels, initial_bn
 
@@ -537,9 +522,3 @@ def _predict(
             logits = logits_of(model(normalize(pixels[start : start + batch_size].to(accelerator.device))))
         out.append(logits.argmax(1).cpu())
     return torch.cat(out)
-
-
-def _release(accelerator: Accelerator, optimizer: Any) -> None:
-    """Forget the optimizer ``prepare_optimizer`` registered with the accelerator."""
-    with contextlib.suppress(AttributeError, ValueError):
-        accelerator._optimizers.remove(optimizer)

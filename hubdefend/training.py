@@ -9,7 +9,7 @@ process then ends with the same masks.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import torch
 from accelerate import Accelerator
@@ -71,6 +71,27 @@ def frozen(model: nn.Module, *, train_mode: bool) -> Iterator[nn.Module]:
         for param, flag in zip(model.parameters(), requires_grad, strict=True):
             param.requires_grad_(flag)
         model.train(was_training)
+
+
+@contextmanager
+def frozen_on(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """Freeze ``model`` in eval mode on ``device`` for the block (inversion, synthesis and detection
+    optimise inputs, not weights); restore flags, modes and device afterwards."""
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    modes = [m.training for m in model.modules()]
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else None
+    model.requires_grad_(False).eval().to(device)
+    try:
+        yield model
+    finally:
+        if device is not None:
+            model.to(device)
+        for param, flag in zip(model.parameters(), requires_grad, strict=True):
+            param.requires_grad_(flag)
+        # Per module, since a caller may keep some submodules in eval mode inside a training model.
+        for module, mode in zip(model.modules(), modes, strict=True):
+            module.training = mode
 
 
 def cycle(loader, num_steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -141,3 +162,10 @@ def make_accelerator(
     if accelerator is not None:
         return accelerator
     return Accelerator(mixed_precision=mixed_precision or "no")
+
+
+def release_optimizer(accelerator: Accelerator, optimizer) -> None:
+    """Forget an optimizer ``accelerator.prepare`` registered, so that a loop that builds one per
+    class or round (trigger inversion over 1000 classes) does not keep every one's state alive."""
+    with suppress(AttributeError, ValueError):
+        accelerator._optimizers.remove(optimizer)

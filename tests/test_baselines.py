@@ -11,7 +11,7 @@ import torch
 import hubdefend
 from hubdefend.defenses import data_free_defenses, get_defense
 from hubdefend.defenses.base import layer_outliers
-from hubdefend.defenses.bnp import batch_statistics, gaussian_kl
+from hubdefend.defenses.bnp import channel_kl, gaussian_kl
 from hubdefend.errors import DefenseError
 from hubdefend.neurons import NeuronGroup
 from hubdefend.training import make_accelerator
@@ -84,24 +84,26 @@ def test_layer_outliers_rule() -> None:
     assert layer_outliers(groups, values, u=3.0)[1] == 0
 
 
-def test_bnp_statistics_are_the_norm_inputs(tiny_backdoor) -> None:
+def test_bnp_kl_is_taken_on_the_norm_inputs(tiny_backdoor) -> None:
     model = tiny_backdoor.model.eval()
     groups = hubdefend.discover(model, kinds=("norm",))
     data = torch.utils.data.Subset(tiny_backdoor.defender, range(100))
-    stats = batch_statistics(
-        model, groups, data, tiny_backdoor.preprocessing.normalize, make_accelerator(None), 32, None, 0
+    pixels = torch.stack([x for x, _ in data])
+    normalize = tiny_backdoor.preprocessing.normalize
+    kl = channel_kl(
+        model, groups, pixels, normalize=normalize, batch_size=32, accelerator=make_accelerator(None)
     )
     first = groups[0].name
     captured = []
     handle = model.get_submodule(first).register_forward_pre_hook(lambda m, a: captured.append(a[0]))
-    pixels = torch.stack([x for x, _ in data])
     with torch.no_grad():
-        model(tiny_backdoor.preprocessing.normalize(pixels))
+        model(normalize(pixels))
     handle.remove()
     x = captured[0].transpose(0, 1).reshape(captured[0].shape[1], -1)
-    mean, var = stats[first]
-    assert torch.allclose(mean, x.mean(1), atol=1e-4)
-    assert torch.allclose(var, x.var(1, unbiased=False), atol=1e-3)
+    norm = model.get_submodule(first)
+    expected = gaussian_kl(x.mean(1), x.var(1, unbiased=False), norm.running_mean, norm.running_var)
+    assert set(kl) == {g.name for g in groups}  # every BatchNorm of the tiny CNN has running stats
+    assert torch.allclose(kl[first], expected, rtol=1e-3, atol=1e-4)
     # KL is zero for identical Gaussians and grows with the mean shift.
     kl = gaussian_kl(torch.tensor([0.0, 1.0]), torch.ones(2), torch.zeros(2), torch.ones(2))
     assert kl[0].abs() < 1e-6 and kl[1] == pytest.approx(0.5)

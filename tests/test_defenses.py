@@ -25,8 +25,10 @@ FAST_OPTIONS = {
     "cnp": {"rounds": 2, "batches_per_round": 5, "inversion_epochs": 5},
 }
 # What the efficacy tests give each defense on the ResNet-18 fixture (still far below the papers').
+# ANP is not here: at 150 or 300 of its 2000 iterations its ranking finds this backdoor for seed 0 but
+# not for seeds 1 and 2 (the sweep's reversed-trigger success stays at 100%; see the issue note), so
+# a CI assertion would hold by the choice of seed, not by the method.
 EFFICACY_OPTIONS = {
-    "anp": FAST_OPTIONS["anp"],
     "cnp": {"rounds": 4, "batches_per_round": 10, "inversion_epochs": 10},
 }
 

@@ -78,13 +78,14 @@ class DefenseConfig:
 
 
 def layer_outliers(
-    groups: list[NeuronGroup], values: dict[str, torch.Tensor], u: float
+    groups: list[NeuronGroup], values: dict[str, torch.Tensor], u: float, *, robust: bool = False
 ) -> tuple[NeuronScores, int]:
     """Scores and count for the "mean + u std per layer" rule of CLP, BNP and DBR-PU.
 
     ``values`` holds a suspicion per neuron (higher = more backdoor-like) for the groups that have
     one. The score is minus the neuron's z-score within its layer, so the rule's neurons are exactly
     the globally lowest ``count`` (score < -u); groups without values score 0 and are never pruned.
+    ``robust``: the z-score is ``(v - median) / (1.4826 * MAD)`` instead.
     """
     scores = {}
     for group in groups:
@@ -93,7 +94,11 @@ def layer_outliers(
             scores[group.name] = torch.zeros(group.num_neurons)
             continue
         value = value.detach().double().cpu()
-        z = (value - value.mean()) / value.std().clamp_min(1e-12)
+        if robust:
+            median = value.median()
+            z = (value - median) / ((value - median).abs().median() * 1.4826).clamp_min(1e-12)
+        else:
+            z = (value - value.mean()) / value.std().clamp_min(1e-12)
         scores[group.name] = (-z).float()
     count = sum(int((scores[g.name] < -u).sum()) for g in groups if g.bakeable)
     return NeuronScores(groups, scores), count

@@ -10,12 +10,14 @@ above ``mean + u * std`` of their layer (u = 3).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import islice
 
 import torch
 
 from hubdefend.defenses import register_defense
 from hubdefend.defenses.base import Defense, DefenseConfig, DefenseOutput, layer_outliers
 from hubdefend.errors import DefenseError
+from hubdefend.synthesis import norm_input_statistics, running_stat_layers
 from hubdefend.training import loader_for
 
 
@@ -41,14 +43,14 @@ class BNP(Defense):
     @torch.no_grad()
     def score(self, model, groups, data, *, normalize, num_classes, accelerator, seed=0, progress=True):
         cfg: BNPConfig = self.config
-        stats = batch_statistics(
-            model, groups, data, normalize, accelerator, cfg.batch_size, cfg.max_batches, seed
+        batches = loader_for(data, batch_size=cfg.batch_size, seed=seed, shuffle=False)
+        pixels = torch.cat([pixels for pixels, _ in islice(batches, cfg.max_batches)])
+        values = channel_kl(
+            model, groups, pixels, normalize=normalize, batch_size=cfg.batch_size, accelerator=accelerator
         )
-        values = {}
-        for name, (mean, var) in stats.items():
-            norm = model.get_submodule(name)
-            values[name] = gaussian_kl(
-                mean, var, norm.running_mean.float().cpu(), norm.running_var.float().cpu()
+        if not values:
+            raise DefenseError(
+                "BNP needs norm layers with running statistics (BatchNorm); this model has none. Try anp or cnp."
             )
         scores, count = layer_outliers(groups, values, cfg.u)
         return DefenseOutput(scores, own_count=count, notes={"layers_scored": len(values), "u": cfg.u})
@@ -62,53 +64,17 @@ def gaussian_kl(
     return 0.5 * ((var1 / var0).log() + (var0 + (mean0 - mean1) ** 2) / var1 - 1)
 
 
-def batch_statistics(model, groups, data, normalize, accelerator, batch_size, max_batches, seed):
-    """Mean and variance of each norm layer's INPUT per channel over ``data`` (eval mode)."""
-    layers = {
-        g.name: model.get_submodule(g.name)
-        for g in groups
-        if g.kind == "norm" and getattr(model.get_submodule(g.name), "running_mean", None) is not None
-    }
-    if not layers:
-        raise DefenseError(
-            "BNP needs norm layers with running statistics (BatchNorm); this model has none. Try anp or cnp."
-        )
-    sums: dict[str, list[torch.Tensor]] = {}
-
-    def record(name, channel_dim):
-        def hook(module, args):
-            x = args[0].detach().double()
-            x = x.movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1)
-            total = sums.setdefault(
-                name,
-                [
-                    torch.zeros((), dtype=torch.double),
-                    torch.zeros(x.shape[0], dtype=torch.double),
-                    torch.zeros(x.shape[0], dtype=torch.double),
-                ],
-            )
-            total[0] += x.shape[1]
-            total[1] += x.sum(1).cpu()
-            total[2] += (x * x).sum(1).cpu()
-
-        return hook
-
-    channel_dims = {g.name: g.channel_dim for g in groups}
-    handles = [layer.register_forward_pre_hook(record(n, channel_dims[n])) for n, layer in layers.items()]
-    model.eval().to(accelerator.device)
-    try:
-        for index, (pixels, _) in enumerate(
-            loader_for(data, batch_size=batch_size, seed=seed, shuffle=False)
-        ):
-            if max_batches is not None and index >= max_batches:
-                break
-            with accelerator.autocast():
-                model(normalize(pixels.to(accelerator.device)))
-    finally:
-        for handle in handles:
-            handle.remove()
-    stats = {}
-    for name, (count, total, squares) in sums.items():
-        mean = total / count
-        stats[name] = (mean.float(), (squares / count - mean * mean).clamp_min(0).float())
-    return stats
+def channel_kl(model, groups, pixels, *, normalize, batch_size, accelerator) -> dict[str, torch.Tensor]:
+    """Per channel of every norm group with running statistics: how far its input's distribution on
+    ``pixels`` departs from the running one, ``KL(N(mean, var) || N(running mean, running var))``.
+    Groups without running statistics are left out."""
+    with_stats = {name for name, _ in running_stat_layers(model)}
+    layers = [g.name for g in groups if g.kind == "norm" and g.name in with_stats]
+    stats = norm_input_statistics(
+        model, pixels, normalize=normalize, layers=layers, batch_size=batch_size, accelerator=accelerator
+    )
+    kl = {}
+    for name, (mean, var) in stats.items():
+        norm = model.get_submodule(name)
+        kl[name] = gaussian_kl(mean, var, norm.running_mean.float().cpu(), norm.running_var.float().cpu())
+    return kl

@@ -22,7 +22,6 @@ scores) is baked into them by `hubdefend.sanitize`.
 
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
 from dataclasses import dataclass
@@ -33,13 +32,13 @@ from torch import nn
 
 from hubdefend.defenses import register_defense
 from hubdefend.defenses.base import Defense, DefenseConfig, DefenseOutput, NeuronScores, layer_outliers
-from hubdefend.defenses.bnp import gaussian_kl
+from hubdefend.defenses.bnp import channel_kl
 from hubdefend.errors import DataError, DefenseError
 from hubdefend.inversion import InversionConfig, invert_trigger
 from hubdefend.masks import NeuronMasks
-from hubdefend.synthesis import SynthesisConfig, norm_input_statistics, running_stat_layers, synthesize
+from hubdefend.synthesis import SynthesisConfig, synthesize
 from hubdefend.target import infer_target
-from hubdefend.training import MaskedModel, cycle, loader_for, logits_of, progress_bar
+from hubdefend.training import MaskedModel, cycle, loader_for, logits_of, progress_bar, release_optimizer
 
 PERTURBATIONS = ("trigger", "l2")
 TRAINABLE = ("masks", "groups", "all")
@@ -192,17 +191,10 @@ class DBRPU(Defense):
     # -- scoring ------------------------------------------------------------------------------------
     def _scores(self, model, groups, pixels, normalize, accelerator) -> tuple[NeuronScores, int, dict]:
         cfg: DBRPUConfig = self.config
-        with_stats = {name for name, _ in running_stat_layers(model)}
-        layers = [g.name for g in groups if g.kind == "norm" and g.name in with_stats]
-        stats = norm_input_statistics(
-            model, pixels, normalize=normalize, layers=layers, batch_size=cfg.batch_size, accelerator=accelerator
-        )  # fmt: skip
-        kl = {}
-        for name, (mean, var) in stats.items():
-            norm = model.get_submodule(name)
-            kl[name] = gaussian_kl(mean, var, norm.running_mean.float().cpu(), norm.running_var.float().cpu())
-        outliers = layer_outliers if cfg.z_score == "plain" else _robust_outliers
-        scores, count = outliers(groups, kl, cfg.u)
+        kl = channel_kl(
+            model, groups, pixels, normalize=normalize, batch_size=cfg.batch_size, accelerator=accelerator
+        )
+        scores, count = layer_outliers(groups, kl, cfg.u, robust=cfg.z_score == "robust")
         notes = {"layers_scored": len(kl), "layers_without_running_stats": len(groups) - len(kl)}
         return scores, count, notes
 
@@ -286,7 +278,7 @@ class DBRPU(Defense):
                     bar.update(
                         task, advance=1, status=f"robust={robust_loss.item():.3f} kd={kd_loss.item():.3f}"
                     )
-            _release(accelerator, optimizer)
+            release_optimizer(accelerator, optimizer)
             accelerator.unwrap_model(prepared).requires_grad_(False)
             agreement = _agreement(model, pixels, pseudo, None, normalize, accelerator, cfg.batch_size)
         mask_values = {g.name: m.detach().cpu() for g, m in zip(groups, masks.mask, strict=True)}
@@ -380,22 +372,6 @@ def _fold_masks(model: nn.Module, groups, mask_values: dict[str, torch.Tensor]) 
             gamma.mul_(mask.repeat_interleave(group.neuron_width)[None, :])
 
 
-def _robust_outliers(groups, values: dict[str, torch.Tensor], u: float) -> tuple[NeuronScores, int]:
-    """`layer_outliers` with a robust z-score: ``(v - median) / (1.4826 * MAD)`` per layer."""
-    scores = {}
-    for group in groups:
-        value = values.get(group.name)
-        if value is None or value.numel() < 2:
-            scores[group.name] = torch.zeros(group.num_neurons)
-            continue
-        value = value.detach().double().cpu()
-        median = value.median()
-        mad = (value - median).abs().median() * 1.4826
-        scores[group.name] = (-(value - median) / mad.clamp_min(1e-12)).float()
-    count = sum(int((scores[g.name] < -u).sum()) for g in groups if g.bakeable)
-    return NeuronScores(groups, scores), count
-
-
 def _distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, batch mean."""
     return (
@@ -460,9 +436,3 @@ def _input_size(model: nn.Module) -> tuple[int, int, int]:
     if isinstance(built_for, (tuple, list)) and len(built_for) == 2:
         height, width = (int(v) for v in built_for)
     return channels, height, width
-
-
-def _release(accelerator, optimizer) -> None:
-    """Forget the optimizer ``prepare`` registered with the accelerator."""
-    with contextlib.suppress(AttributeError, ValueError):
-        accelerator._optimizers.remove(optimizer)

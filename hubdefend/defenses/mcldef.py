@@ -30,9 +30,9 @@ from hubdefend.defenses import register_defense
 from hubdefend.defenses.base import Defense, DefenseConfig, DefenseOutput, NeuronScores
 from hubdefend.defenses.cnp import classifier_of
 from hubdefend.errors import DefenseError
-from hubdefend.inversion import InversionConfig, _release, invert_trigger
+from hubdefend.inversion import InversionConfig, invert_trigger
 from hubdefend.target import infer_target
-from hubdefend.training import loader_for, logits_of, run_steps
+from hubdefend.training import loader_for, logits_of, release_optimizer, run_steps
 
 
 @dataclass(frozen=True)
@@ -288,7 +288,7 @@ class MCLDef(Defense):
                 )
         finally:
             contrast.remove()
-            _release(accelerator, optimizer)
+            release_optimizer(accelerator, optimizer)
             for param, flag in zip(model.parameters(), requires_grad, strict=True):
                 param.requires_grad_(flag)
             model.eval()

@@ -35,13 +35,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from hubdefend.defenses import register_defense
 from hubdefend.defenses.base import Defense, DefenseConfig, DefenseOutput, NeuronScores
 from hubdefend.errors import DefenseError, MaskError
 from hubdefend.inversion import InversionConfig, invert_trigger
-from hubdefend.masks import NeuronMasks, _MaskHook, is_masked
+from hubdefend.masks import NeuronMasks, _MaskHook
 from hubdefend.target import infer_target
 from hubdefend.training import logits_of
 
@@ -143,34 +142,16 @@ class _CoalitionMasks(NeuronMasks):
     """`NeuronMasks` whose hooks give each chunk of the batch its own coalition (``coalitions``: one
     ``S x neurons`` tensor per group, set before each forward)."""
 
+    # Always an activation hook: the fast path (swapping gamma for one forward) cannot give each
+    # chunk of the batch its own gamma.
+    swap_affine = False
+
     def __init__(self, groups) -> None:
         super().__init__(groups)
         self.coalitions: list[torch.Tensor] = []
 
-    def attach(self, model: nn.Module) -> _CoalitionMasks:
-        if self._handles or is_masked(model):
-            raise MaskError(
-                "The model already carries hubdefend masks; detach them before attaching new ones."
-            )
-        handles = []
-        try:
-            for index, group in enumerate(self.groups):
-                # Always an activation hook: the masks' fast path (swapping gamma for one forward)
-                # cannot give each chunk of the batch its own gamma.
-                hook = _CoalitionHook(self, index, group, model)
-                point = model.get_submodule(group.hook_point)
-                register = (
-                    point.register_forward_pre_hook
-                    if group.hook_on == "input"
-                    else point.register_forward_hook
-                )
-                handles.append(register(hook))
-        except BaseException:
-            for handle in handles:
-                handle.remove()
-            raise
-        self._handles = handles
-        return self
+    def _hook(self, index, group, model) -> _CoalitionHook:
+        return _CoalitionHook(self, index, group, model)
 
 
 class _Game:
