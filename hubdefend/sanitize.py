@@ -22,7 +22,7 @@ from torch import nn
 import hubdefend
 from hubdefend.adapters import LoadedModel, adapter_for
 from hubdefend.bake import PruningPlan, bake
-from hubdefend.defenses import DefenseOutput, NeuronScores, data_free_defenses, get_defense
+from hubdefend.defenses import DefenseOutput, NeuronScores, data_free_defenses, few_shot_defenses, get_defense
 from hubdefend.errors import DataError, DefenseError
 from hubdefend.masks import NeuronMasks
 from hubdefend.planning import (
@@ -300,7 +300,7 @@ def sanitize(
     # baked into it, and only the defense's own count fits those weights.
     base_model = output.model.eval() if output.model is not None else source_model
     del work
-    own_rule = rule.kind == "auto" and (data is None or output.model is not None)
+    own_rule = rule.kind == "auto" and (val is None or output.model is not None)
     if own_rule and output.own_count is None:
         raise DefenseError(
             f"The {defense} defense has no pruning rule of its own, so with no clean data nothing can choose "
@@ -378,7 +378,9 @@ def sanitize(
             candidates = _with_candidate(candidates, count_below(scores, rule.value), rule.value)
         points = sweep(scores, candidates, lambda plan: measure(plan, with_eval=eval_sweep))
         operating = (
-            _own_operating_point(defense, output.own_count, data is None)
+            _own_operating_point(
+                defense, output.own_count, data is None, few_shot=data is not None and val is None
+            )
             if own_rule
             else _operating_point(rule, scores, points, ba_budget)
         )
@@ -453,9 +455,16 @@ def _defender_data(data, preprocessing, defense_cls, num_classes, defender_size,
     if isinstance(dataset, torch.utils.data.DataLoader):
         dataset = dataset.dataset
     if len(dataset) < MIN_DEFENDER_IMAGES:
-        raise DataError(
-            f"Only {len(dataset)} defender images: give at least {MIN_DEFENDER_IMAGES} (the references use 500)."
-        )
+        if not defense_cls.few_shot:
+            raise DataError(
+                f"Only {len(dataset)} defender images: give at least {MIN_DEFENDER_IMAGES} (the references use "
+                f"500), or use a few-shot defense: {', '.join(few_shot_defenses())}."
+            )
+        if len(dataset) == 0:
+            raise DataError("The defender data is empty.")
+        # Too few to hold any out: the defense gets every image and its own rule chooses.
+        nothing = torch.empty(0)
+        return dataset, None, nothing, nothing.long(), nothing, nothing.long()
     if defense_cls.needs_labels:
         check_labels(dataset, num_classes)
     if isinstance(defender_size, float):
@@ -483,8 +492,14 @@ def _with_candidate(candidates, count: int, threshold: float | None) -> list[tup
     return sorted(merged.items())
 
 
-def _own_operating_point(defense: str, count: int, data_free: bool) -> OperatingPoint:
-    why = "no clean data was given to choose with" if data_free else "it changed weights to fit that plan"
+def _own_operating_point(defense: str, count: int, data_free: bool, *, few_shot: bool) -> OperatingPoint:
+    why = (
+        "no clean data was given to choose with"
+        if data_free
+        else f"too few images to hold any out (fewer than {MIN_DEFENDER_IMAGES})"
+        if few_shot
+        else "it changed weights to fit that plan"
+    )
     return OperatingPoint(count, "defense-rule", f"{count} neurons by {defense}'s own published rule ({why})")
 
 

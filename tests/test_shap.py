@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 import hubdefend
 from hubdefend.bake import bake
-from hubdefend.defenses.shap import ShapPruning, _CoalitionMasks
-from hubdefend.metrics import evaluate
-from hubdefend.planning import plan_by_count
+from hubdefend.defenses.shap import _CoalitionMasks
+from hubdefend.errors import DataError
 from hubdefend.sanitize import sanitize
-from hubdefend.training import make_accelerator
 
 # Smaller than the defaults (40 walks, 40 reversal epochs, 16 noise draws) so that CI stays fast.
 FAST_OPTIONS = {"walks": 10, "inversion_epochs": 20, "target_draws": 8, "screen_samples": 32}
@@ -32,27 +31,29 @@ def one_per_class(dataset, num_classes: int = 10) -> torch.utils.data.Subset:
 
 
 def test_few_shot_shap_pruning_removes_the_backdoor(resnet18_backdoor) -> None:
-    # `sanitize` asks for at least 20 defender images (it holds 20% out), so the ten-image few-shot
-    # setting is run as sanitize runs a defense: score a private copy, bake the defense's own count.
+    # Ten images are too few to hold any out: sanitize gives them all to the defense and takes its own rule.
     fixture = resnet18_backdoor
-    few = one_per_class(fixture.defender)
-    work = copy.deepcopy(fixture.model).eval()
-    groups = hubdefend.discover(work, kinds=("norm",))
-    output = ShapPruning(**FAST_OPTIONS).score(
-        work, groups, few, normalize=fixture.preprocessing.normalize, num_classes=10,
-        accelerator=make_accelerator(), progress=False,
-    )  # fmt: skip
-    assert output.target == fixture.trigger.target  # inferred from ten images, labels unused
-    neurons = len(output.scores.ranked())
-    assert 0 < output.own_count <= 0.01 * neurons
-    assert output.notes["own_rule"]["pruned"] == output.own_count
-    cleaned = bake(fixture.model, plan_by_count(output.scores, output.own_count), groups=groups)
     test = torch.utils.data.Subset(fixture.test, range(1000))
-    before = evaluate(fixture.model, test, fixture.preprocessing, trigger=fixture.trigger, progress=False)
-    after = evaluate(cleaned, test, fixture.preprocessing, trigger=fixture.trigger, progress=False)
-    assert before.asr >= 0.9
-    assert after.asr <= 0.20, output.notes
-    assert after.ba >= before.ba - 0.05, output.notes
+    result = sanitize(
+        fixture.model, one_per_class(fixture.defender), defense="shap", trigger=fixture.trigger,
+        eval_data=test, progress=False, **FAST_OPTIONS,
+    )  # fmt: skip
+    report = result.report
+    assert report.suspected_target == fixture.trigger.target  # inferred from ten images, labels unused
+    assert report.data["defender_images"] == 10 and report.data["validation_images"] == 0
+    assert (
+        report.operating_point["rule"] == "defense-rule"
+        and "too few images" in report.operating_point["explanation"]
+    )
+    assert 0 < report.neurons_pruned == report.notes["own_rule"]["pruned"] <= 0.01 * report.neurons_total
+    assert report.asr_before >= 0.9
+    assert report.asr_after <= 0.20, report.notes
+    assert report.ba_after >= report.ba_before - 0.05, report.notes
+
+
+def test_few_images_are_refused_by_defenses_that_need_more(tiny_backdoor) -> None:
+    with pytest.raises(DataError, match="few-shot defense: shap"):
+        sanitize(tiny_backdoor.model, one_per_class(tiny_backdoor.defender), defense="anp", progress=False)
 
 
 def test_data_free_runs_through_sanitize_with_its_own_rule(tiny_backdoor) -> None:

@@ -44,6 +44,11 @@ def data_free_defenses() -> list[str]:
     return [name for name in list_defenses() if not _REGISTRY[name].needs_data]
 
 
+def few_shot_defenses() -> list[str]:
+    """Names of the defenses that work from a handful of images."""
+    return [name for name in list_defenses() if _REGISTRY[name].few_shot]
+
+
 def get_defense(name: str) -> type[Defense]:
     """The defense class registered as ``name``."""
     _load_entry_points()
@@ -61,6 +66,7 @@ __all__ = [
     "DefenseOutput",
     "NeuronScores",
     "data_free_defenses",
+    "few_shot_defenses",
     "get_defense",
     "list_defenses",
     "register_defense",

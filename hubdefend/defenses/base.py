@@ -111,6 +111,9 @@ class Defense:
     config_cls: ClassVar[type[DefenseConfig]] = DefenseConfig
     needs_data: ClassVar[bool] = True
     needs_labels: ClassVar[bool] = True
+    # Works from a handful of images (fewer than sanitize's MIN_DEFENDER_IMAGES): they all go to the
+    # defense, none is held out, and its own rule is the operating point.
+    few_shot: ClassVar[bool] = False
     # Deviations from the reference implementation, named for the report.
     deviations: ClassVar[tuple[str, ...]] = ()
 

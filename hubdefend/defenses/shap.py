@@ -233,6 +233,7 @@ class ShapPruning(Defense):
     config_cls = ShapPruningConfig
     needs_data = False
     needs_labels = False
+    few_shot = True
     deviations = (
         "No public code. Value function (ours): mean target probability on reversed-trigger images "
         "minus clean_weight times the mean probability of the original's own answer on the clean "
