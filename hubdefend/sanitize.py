@@ -270,14 +270,11 @@ def sanitize(
             f"The {defense} defense needs clean defender data (pass data=...). "
             f"Data-free defenses: {', '.join(data_free_defenses()) or 'none registered yet'}."
         )
-    if data is None:  # a data-free defense with no data at all: nothing to hold out or check with
-        defender = val = None
-        val_x = check_x = torch.empty(0)
-        val_y = check_y = torch.empty(0, dtype=torch.long)
-    else:
-        defender, val, val_x, val_y, check_x, check_y = _defender_data(
-            data, preprocessing, defense_cls, num_classes, defender_size, seed
-        )
+    defender, val, val_x, val_y, check_x, check_y = (
+        _nothing_held_out(None)  # a data-free defense with no data at all
+        if data is None
+        else _defender_data(data, preprocessing, defense_cls, num_classes, defender_size, seed)
+    )
 
     # 1. Score neurons on a private copy.
     work = copy.deepcopy(source_model).eval()
@@ -462,9 +459,7 @@ def _defender_data(data, preprocessing, defense_cls, num_classes, defender_size,
             )
         if len(dataset) == 0:
             raise DataError("The defender data is empty.")
-        # Too few to hold any out: the defense gets every image and its own rule chooses.
-        nothing = torch.empty(0)
-        return dataset, None, nothing, nothing.long(), nothing, nothing.long()
+        return _nothing_held_out(dataset)  # too few to hold any out: the defense's own rule chooses
     if defense_cls.needs_labels:
         check_labels(dataset, num_classes)
     if isinstance(defender_size, float):
@@ -483,6 +478,13 @@ def _defender_data(data, preprocessing, defense_cls, num_classes, defender_size,
     # held-out split only.
     defender_x, defender_y = _materialize(defender)
     return defender, val, val_x, val_y, torch.cat([val_x, defender_x]), torch.cat([val_y, defender_y])
+
+
+def _nothing_held_out(defender):
+    """`_defender_data`'s answer when no image can be held out: every image (or none) is the defender's,
+    and nothing is left to check a budget or a reversed trigger with."""
+    nothing, no_labels = torch.empty(0), torch.empty(0, dtype=torch.long)
+    return defender, None, nothing, no_labels, nothing, no_labels
 
 
 def _with_candidate(candidates, count: int, threshold: float | None) -> list[tuple[int, float | None]]:
