@@ -1,10 +1,10 @@
-"""Data-free detection (`hubdefend scan MODEL`, no --data) on a population of small models.
+"""Backdoor detection (`hubdefend scan MODEL`, with or without --data) on a population of small models.
 
     python benchmarks/detection.py                        # 10 clean + 10 backdoored, scanned without data
     python benchmarks/detection.py --clean 20 --backdoored 20 --json rows.json   # the larger population
     python benchmarks/detection.py --clean 4 --backdoored 4   # a smaller population while iterating
     python benchmarks/detection.py --make-only            # just train (and cache) the population
-    python benchmarks/detection.py --data fmnist:test     # with 500 clean images (scan's Neural Cleanse path)
+    python benchmarks/detection.py --data fmnist:test     # with 500 clean images (scan --data)
 
 Population i is the same model in every size (sizes only add models), so the 10 + 10 default is
 the first half of the 20 + 20 one.
@@ -15,10 +15,10 @@ Every model is the bundled example's recipe (timm ``test_resnet``, 4000 Fashion-
 Blended (random-noise pattern at alpha 0.2, pattern seed and target varied), 10% poisoning. Models
 are cached under ``benchmarks/models/detection/`` (gitignored) and reused when the recipe matches.
 
-The detector never sees data, the record or the population: its threshold is a p-value, not a
-number fitted here. Printed: a markdown table (AUROC of the anomaly index, detection rate at the
-detector's own threshold and at 5% FPR, false positives, target accuracy, seconds per model) and
-one line per model.
+Without --data the detectors see no data; with it, 500 clean images of the given split. They never
+see the record or the population: the threshold is a p-value, not a number fitted here. Printed: a
+markdown table (AUROC of the anomaly index, detection rate at the detector's own threshold and at 5%
+FPR, false positives, target accuracy, seconds per model) and one line per model.
 """
 
 from __future__ import annotations
@@ -89,15 +89,6 @@ def rate_at_fpr(negatives: list[float], positives: list[float], fpr: float) -> f
     return sum(p > threshold for p in positives) / max(1, len(positives))
 
 
-def _top_class(detection: dict) -> int | None:
-    """The most suspicious class: the data-free detector names it; Neural Cleanse's is the class
-    with the largest anomaly index."""
-    if detection.get("top_class") is not None:
-        return detection["top_class"]
-    indices = detection.get("anomaly_index") or []
-    return max(range(len(indices)), key=indices.__getitem__) if indices else None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -106,7 +97,9 @@ def main() -> None:
     parser.add_argument("--backdoored", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0, help="the scan's seed")
     parser.add_argument("--make-only", action="store_true")
-    parser.add_argument("--data", help="clean data for scan (a data spec); default: none, the data-free path")
+    parser.add_argument(
+        "--data", help="clean images for scan (a data spec); default: none, the data-free path"
+    )
     parser.add_argument("--json", type=Path, help="also write every model's result here")
     args = parser.parse_args()
 
@@ -130,7 +123,7 @@ def main() -> None:
                 "asr": record["asr"] if backdoored else None,
                 "flagged": result.verdict == VERDICT_SUSPECTED,
                 "suspected_target": result.suspected_target,
-                "top_class": _top_class(result.detection),
+                "top_class": result.detection.get("top_class"),
                 "anomaly_index": result.anomaly_index,
                 "p_value": result.detection.get("p_value"),
                 "seconds": seconds,

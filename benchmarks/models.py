@@ -32,7 +32,9 @@ RECIPES: dict[str, AttackRecipe] = {
     "resnet18-badnets": AttackRecipe(trigger="badnets:size=3,corner=br,target=0", **_RESNET),
     "resnet18-blended": AttackRecipe(trigger="blended:alpha=0.2,pattern=noise,seed=0,target=0", **_RESNET),
     "resnet18-wanet": AttackRecipe(trigger="wanet:target=0", **_RESNET),
-    "resnet18-sig": AttackRecipe(trigger="sig:delta=40,freq=6,target=0", **_RESNET),
+    # SIG is clean-label: 10% of the images is all of the target class, and the model then never
+    # sees a target-class image without the signal (BA 82.5%, ASR 95.1%); half of it leaves some.
+    "resnet18-sig": AttackRecipe(trigger="sig:delta=40,freq=6,target=0", poison_rate=0.05, **_RESNET),
     "vit6-badnets": AttackRecipe(trigger="badnets:size=3,corner=br,target=0", **_VIT),
     "vit6-blended": AttackRecipe(trigger="blended:alpha=0.2,pattern=noise,seed=0,target=0", **_VIT),
 }

@@ -266,7 +266,10 @@ def scan(
     ],
     data: Annotated[
         str | None,
-        typer.Option("--data", help="Clean images for trigger-inversion detection (and the defense)."),
+        typer.Option(
+            "--data",
+            help="Clean images: the detectors use up to 500 of them (labels unused), and the defense all.",
+        ),
     ] = None,
     defense: Annotated[
         str | None,
@@ -355,7 +358,7 @@ def _print_scan(out: Output, result) -> None:
             f"(anomaly index {result.anomaly_index:.2f}, {result.detection.get('method')})"
         )
     else:
-        note = result.detection.get("note") or f"anomaly index {result.anomaly_index:.2f} <= 2"
+        note = result.detection.get("note") or f"anomaly index {result.anomaly_index:.2f}"
         out.line(f"[bold green]no backdoor evidence[/] ({note})")
     if result.sanitize:
         report = result.sanitize

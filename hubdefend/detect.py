@@ -1,12 +1,15 @@
-"""Data-free backdoor detection: is this model backdoored, and which class is the target, with no data.
+"""Backdoor detection: is this model backdoored, and which class is the target, with no data or
+with a few hundred clean images.
 
-Without data the model's own classes are the yardstick. Each detector optimises inputs for every class
+The model's own classes are the yardstick. Each detector optimises inputs for every class
 and gives one score per class (higher = more suspicious); an all-to-one backdoor makes its target
 class an outlier among the model's classes. The scores are turned into robust z-scores against the
 model's OTHER classes (their median and robust spread, `robust_z`), the detectors' z-scores are
 averaged with their weights (the anomaly index), and the top class is tested with a p-value that
 includes the maximum over the K classes (`max_z_p_value`). No threshold is fitted on other models:
-a backdoor is suspected when that p-value is below ``alpha`` (0.01).
+a backdoor is suspected when that p-value is below ``alpha`` (0.01). With the defender's clean
+images (``images=``, `scan --data`) the universal triggers are fitted on them as well as on the
+neutral images, and `NeuronCollapse` (ANP's neuron-noise test) runs beside the others.
 
 Detectors (`DETECTORS`; add one by subclassing `Detector` and registering it):
 
@@ -22,6 +25,9 @@ Detectors (`DETECTORS`; add one by subclassing `Detector` and registering it):
   margin over rivals and images. A backdoor trigger overrides whatever the image shows, the other
   classes' strongest features included; a naturally easy class (a large, plain object) also has a
   strong universal trigger, but not one that wins over the others'. Forward passes only.
+* ``neuron-collapse``, `NeuronCollapse` (clean images only): the share of the clean images that
+  small adversarial noise on the normalization neurons moves into each class. Weight 0 by default
+  (reported, not in the verdict; see `NeuronCollapse`).
 * ``mm-bd``, `MaxMargin`: the maximum-margin statistic of MM-BD ("MM-BD: Post-Training Detection of
   Backdoor Attacks with Arbitrary Backdoor Pattern Types Using a Maximum Margin Statistic", Wang et
   al., IEEE S&P 2024), reimplemented from the paper: pixels in [0, 1] optimised from random starts
@@ -31,8 +37,9 @@ Detectors (`DETECTORS`; add one by subclassing `Detector` and registering it):
 
 Every optimisation is batched over classes and starts in one tensor (classes are chunked only to
 bound memory, which does not change the result), seeded with a `torch.Generator` per detector, and
-uses logits and gradients only, so CNNs and ViTs are treated alike. The model's own normalization is
-applied inside the forward, as in `hubdefend.inversion`. Measured on ``benchmarks/detection.py``.
+uses logits and gradients only (`NeuronCollapse` also the normalization neurons the adapters find),
+so CNNs and ViTs are treated alike. The model's own normalization is applied inside the forward, as
+in `hubdefend.inversion`. Measured on ``benchmarks/detection.py``.
 """
 
 from __future__ import annotations
@@ -216,14 +223,18 @@ class DetectorOutput:
 @dataclass(frozen=True)
 class Probe:
     """What a detector runs on: the model as ``pixels -> logits``, its classes and input shape, the
-    scan's seed, and ``shared``, where work one detector does and another reuses is kept (the
-    universal triggers, by their settings)."""
+    scan's seed, the defender's clean images when there are any (pixels in [0, 1], on the CPU), and
+    ``shared``, where work one detector does and another reuses is kept (the universal triggers, by
+    their settings). ``model`` and ``normalize`` are there for detectors that look inside."""
 
     forward: Forward
     num_classes: int
     input_shape: tuple[int, int, int]
     seed: int
     device: torch.device
+    model: nn.Module | None = None
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None
+    images: torch.Tensor | None = None
     shared: dict[str, Any] = field(default_factory=dict)
 
     def generator(self, stream: str) -> torch.Generator:
@@ -242,6 +253,8 @@ class Detector:
     """
 
     name: ClassVar[str] = ""
+    needs_data: ClassVar[bool] = False
+    """True for a detector that only runs on the defender's clean images (``probe.images``)."""
     weight: float = 1.0
 
     def statistic(self, probe: Probe) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -323,6 +336,9 @@ class UniversalTrigger(Detector):
             0.1 over all of it, or anything between).
         images: neutral images (a quarter each: uniform noise, flat grey, smooth noise at 4x4 and
             8x8 upsampled).
+        clean_images: with the defender's clean images, this many of them join the neutral ones
+            (the first ones of ``probe.images``, which the caller draws stratified over classes): a
+            natural class's trigger must then also override real images of the other classes.
         steps: Adam steps.
         lr: Adam learning rate (mask logits and sigmoid-space pattern).
         max_batch: most images in one forward pass (classes are chunked to fit).
@@ -334,6 +350,7 @@ class UniversalTrigger(Detector):
     name: ClassVar[str] = "universal-trigger"
     area: float = 0.1
     images: int = 16
+    clean_images: int = 32
     steps: int = 40
     lr: float = 0.1
     max_batch: int = 256
@@ -347,21 +364,25 @@ class UniversalTrigger(Detector):
         if key in probe.shared:
             return probe.shared[key]
         channels, height, width = probe.input_shape
-        base = neutral_images(self.images, probe.input_shape, probe.generator(self.name)).to(probe.device)
+        base = neutral_images(self.images, probe.input_shape, probe.generator(self.name))
+        if probe.images is not None and self.clean_images > 0:
+            base = torch.cat([base, probe.images[: self.clean_images].to(base)])
+        base = base.to(probe.device)
         budget = self.area * height * width
         masks = torch.empty(probe.num_classes, 1, height, width)
         patterns = torch.empty(probe.num_classes, channels, height, width)
         best = torch.empty(probe.num_classes)
-        for chunk in _chunks(probe.num_classes, self.images, self.max_batch):
+        count = len(base)
+        for chunk in _chunks(probe.num_classes, count, self.max_batch):
             n = len(chunk)
             mask_logits = torch.zeros(n, height * width, device=probe.device, requires_grad=True)
             pattern_logits = torch.zeros(n, channels, height, width, device=probe.device, requires_grad=True)
-            classes = chunk.repeat_interleave(self.images).to(probe.device)
+            classes = chunk.repeat_interleave(count).to(probe.device)
             optimizer = torch.optim.Adam([mask_logits, pattern_logits], lr=self.lr)
             for step in range(self.steps + 1):
                 mask = (budget * mask_logits.softmax(dim=1)).clamp(max=1).view(n, 1, height, width)
                 pattern = torch.sigmoid(pattern_logits)
-                margin = margins(probe.forward(stamp(base, mask, pattern)), classes).view(n, self.images)
+                margin = margins(probe.forward(stamp(base, mask, pattern)), classes).view(n, count)
                 if step == self.steps:
                     break
                 optimizer.zero_grad()
@@ -429,6 +450,62 @@ class TriggerDominance(Detector):
         return worst, {}
 
 
+@dataclass(frozen=True)
+class NeuronCollapse(Detector):
+    """ANP's neuron-noise collapse test, on the defender's clean images (needs data).
+
+    Under small adversarial noise on every normalization neuron (ANP's: a random start in
+    [-eps, eps], one signed ascent step on the cross-entropy against the model's own predictions),
+    a backdoored model sends clean images of every class to its target (Wu & Wang, NeurIPS 2021,
+    Fig. 1; CNP infers its target this way, `hubdefend.target.infer_target`, which this reuses).
+    The statistic is the share of the images that the noise moves into each class: predictions
+    under noise minus predictions without, over the number of images.
+
+    Weight 0 by default (reported, not used for the verdict): on the small Fashion-MNIST models of
+    ``benchmarks/detection.py`` clean models collapse too, each into a class of its own (robust z
+    up to 58 on clean models, AUROC 0.61 alone; no better at eps 0.05 to 0.3), so the share alone
+    does not tell a backdoor from a model's natural sink class. A model without normalization
+    neurons gets zeros (no evidence) and a note.
+
+    Attributes:
+        eps: the noise budget (ANP's 0.4).
+        images: use at most this many of the clean images.
+        batch_size: images per forward pass (one noise draw and ascent step per batch).
+    """
+
+    name: ClassVar[str] = "neuron-collapse"
+    needs_data: ClassVar[bool] = True
+    weight: float = 0.0
+    eps: float = 0.4
+    images: int = 500
+    batch_size: int = 128
+
+    def statistic(self, probe):
+        from hubdefend.adapters import discover
+        from hubdefend.target import infer_target
+        from hubdefend.training import make_accelerator
+
+        groups = discover(probe.model)
+        if not groups:
+            note = "no normalization neurons found to perturb"
+            return torch.zeros(probe.num_classes, dtype=torch.float64), {"note": note}
+        pixels = probe.images[: self.images]
+        seed = int(torch.randint(2**31 - 1, (1,), generator=probe.generator(self.name)))
+        evidence = infer_target(
+            probe.model,
+            groups,
+            torch.utils.data.TensorDataset(pixels, torch.zeros(len(pixels), dtype=torch.long)),
+            normalize=probe.normalize,
+            num_classes=probe.num_classes,
+            accelerator=make_accelerator(),
+            eps=self.eps,
+            batch_size=self.batch_size,
+            seed=seed,
+        )
+        growth = torch.tensor(evidence.growth, dtype=torch.float64) / len(pixels)
+        return growth, {"counts_clean": evidence.counts_clean, "counts_noisy": evidence.counts_noisy}
+
+
 def stamp(images: torch.Tensor, masks: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:
     """Every trigger on every image: ``(1 - m) * x + m * p``, triggers-major (T*N x C x H x W)."""
     triggers, count = len(masks), len(images)
@@ -452,15 +529,19 @@ def neutral_images(count: int, input_shape: tuple[int, int, int], generator: tor
 
 
 DETECTORS: dict[str, type[Detector]] = {
-    cls.name: cls for cls in (UniversalTrigger, TriggerDominance, MaxMargin)
+    cls.name: cls for cls in (UniversalTrigger, TriggerDominance, MaxMargin, NeuronCollapse)
 }
 DEFAULT_DETECTORS = ("universal-trigger", "trigger-dominance", "mm-bd")
+"""Without data."""
+DATA_DETECTORS = (*DEFAULT_DETECTORS, "neuron-collapse")
+"""With the defender's clean images (the universal triggers are fitted on them too)."""
 
 
 # ---- the verdict -----------------------------------------------------------------------------------
 @dataclass
-class DataFreeResult:
-    """The data-free verdict and its evidence; ``to_dict()`` goes into the scan's ``detection``."""
+class DetectionResult:
+    """The verdict and its evidence; ``to_dict()`` goes into the scan's ``detection``. ``method``
+    is ``"data-free"`` or, with the defender's clean images, ``"clean-data"``."""
 
     suspected_target: int | None
     top_class: int
@@ -470,6 +551,8 @@ class DataFreeResult:
     detectors: list[DetectorOutput]
     seconds: float
     note: str | None = None
+    method: str = "data-free"
+    images: int = 0
 
     @property
     def suspected(self) -> bool:
@@ -477,7 +560,8 @@ class DataFreeResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "method": "data-free",
+            "method": self.method,
+            "images": self.images,
             "detectors": {
                 d.name: {k: v for k, v in asdict(d).items() if k != "name"} for d in self.detectors
             },
@@ -507,20 +591,25 @@ def detect_backdoor(
     num_classes: int,
     input_shape: tuple[int, int, int],
     *,
-    detectors: tuple[Detector | str, ...] = DEFAULT_DETECTORS,
+    images: torch.Tensor | None = None,
+    detectors: tuple[Detector | str, ...] | None = None,
     alpha: float = ALPHA,
     scale: str = "qn",
     seed: int = 0,
     device: str | torch.device | None = None,
-) -> DataFreeResult:
-    """Run the data-free detectors and decide (see the module docstring).
+) -> DetectionResult:
+    """Run the detectors and decide (see the module docstring).
 
     Args:
         model: a classifier (timm, transformers or any module returning logits); left as it was.
         normalize: the model's input normalization, applied to pixels in [0, 1].
         num_classes: K, the number of classes.
         input_shape: ``(channels, height, width)`` of the model's input.
-        detectors: detector instances or names in `DETECTORS`.
+        images: the defender's clean images, if any (N x C x H x W pixels in [0, 1], unlabelled;
+            best stratified over classes): the universal triggers are then fitted on them too, and
+            detectors that need data (`NeuronCollapse`) run.
+        detectors: detector instances or names in `DETECTORS`; default `DEFAULT_DETECTORS`, or
+            `DATA_DETECTORS` with ``images``.
         alpha: a backdoor is suspected when the top class's corrected p-value is below this.
         scale: the robust spread of the z-scores, ``"qn"`` or ``"mad"`` (see `robust_z`).
         seed: seeds every random start (same seed, same scores on the same machine).
@@ -528,17 +617,32 @@ def detect_backdoor(
     """
     if num_classes < 3:
         raise DataError(
-            f"Data-free detection compares classes with each other; this model has {num_classes}."
+            f"Detection compares classes with each other; this model has {num_classes}."
         )
+    if detectors is None:
+        detectors = DEFAULT_DETECTORS if images is None else DATA_DETECTORS
+    unknown = [d for d in detectors if isinstance(d, str) and d not in DETECTORS]
+    if unknown:
+        raise DataError(f"Unknown detector(s) {unknown}; choose from {sorted(DETECTORS)}.")
     chosen = [DETECTORS[d]() if isinstance(d, str) else d for d in detectors]
     if not any(d.weight > 0 for d in chosen):
-        raise DataError("At least one data-free detector needs a positive weight to decide.")
+        raise DataError("At least one detector needs a positive weight to decide.")
+    if images is None and any(d.needs_data for d in chosen):
+        names = [d.name for d in chosen if d.needs_data]
+        raise DataError(f"The detector(s) {names} need clean images: pass images=, or leave them out.")
+    if images is not None:
+        images = images.detach().float().cpu()
+        if images.dim() != 4 or tuple(images.shape[1:]) != tuple(input_shape) or not len(images):
+            raise DataError(
+                f"images must be N x {' x '.join(map(str, input_shape))} pixels in [0, 1], "
+                f"got shape {tuple(images.shape)}."
+            )
     device = torch.device(device) if device is not None else _default_device()
     started = time.perf_counter()
     outputs = []
     with frozen_on(model, device):
         forward = _Forward(model, normalize)
-        probe = Probe(forward, num_classes, tuple(input_shape), seed, device)
+        probe = Probe(forward, num_classes, tuple(input_shape), seed, device, model, normalize, images)
         for detector in chosen:  # each draws from its own stream: the order does not matter
             outputs.append(detector.run(probe))
     z = robust_z(torch.tensor([o.scores for o in outputs], dtype=torch.float64), scale)
@@ -549,9 +653,9 @@ def detect_backdoor(
     p_value = max_z_p_value(float(combined[top]), num_classes, scale)
     note = None
     if num_classes < MIN_CLASSES:
-        note = f"{num_classes} classes are too few to compare with each other: no data-free verdict."
+        note = f"{num_classes} classes are too few to compare with each other: no verdict."
         p_value = 1.0
-    return DataFreeResult(
+    return DetectionResult(
         suspected_target=top if p_value < alpha else None,
         top_class=top,
         anomaly_index=[round(float(v), 4) for v in combined],
@@ -560,6 +664,8 @@ def detect_backdoor(
         detectors=outputs,
         seconds=time.perf_counter() - started,
         note=note,
+        method="data-free" if images is None else "clean-data",
+        images=0 if images is None else len(images),
     )
 
 

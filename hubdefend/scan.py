@@ -1,12 +1,13 @@
 """`hubdefend scan`: is this model backdoored, and if so, clean it and publish the result.
 
-Without data, scan runs the data-free detectors of `hubdefend.detect` (a universal trigger per
-class on neutral images, whether it dominates the other classes' triggers, and MM-BD's
-maximum-margin statistic): each class is compared with the model's other classes and a backdoor is
-suspected when the top class's p-value, corrected for the maximum over K classes, is below 0.01.
-With clean data it reverses a trigger for every class (Neural Cleanse) and flags a class whose
-trigger is abnormally small (MAD anomaly index > 2); with a defense, an output folder or a push
-target it also sanitizes and writes the cleaned model, its card, ``report.json`` and plots.
+Detection is `hubdefend.detect`: a universal trigger per class, whether it dominates the other
+classes' triggers, and MM-BD's maximum-margin statistic; each class is compared with the model's
+other classes and a backdoor is suspected when the top class's p-value, corrected for the maximum
+over K classes, is below 0.01. Without data the triggers are fitted on neutral images; with clean
+data (``--data``; up to `DETECTION_IMAGES`, stratified over classes, labels unused) on those as
+well, and ANP's neuron-noise collapse test is reported beside them. With a defense, an output
+folder or a push target scan also sanitizes and writes the cleaned model, its card,
+``report.json`` and plots.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import hubdefend
 from hubdefend.report import SCHEMA_VERSION
 
 VERDICT_SUSPECTED = "backdoor_suspected"
 VERDICT_NONE = "no_evidence"
 DETECTION_IMAGES = 500
-ANOMALY_THRESHOLD = 2.0  # Neural Cleanse's MAD rule
 
 
 @dataclass
@@ -72,47 +74,57 @@ def _facts(loaded) -> dict[str, Any]:
     }
 
 
-def _detect(loaded, dataset, preprocessing, num_classes: int, seed: int, progress: bool) -> dict[str, Any]:
+def detection_images(dataset, seed: int, limit: int = DETECTION_IMAGES) -> torch.Tensor:
+    """Up to ``limit`` clean images of ``dataset``, stratified over its classes and in round-robin
+    class order, so that any prefix (the universal triggers take the first few) shows every class."""
     from hubdefend.data import defender_split
-    from hubdefend.inversion import invert_all_classes
+    from hubdefend.sanitize import _materialize
 
-    subset, _ = defender_split(
-        dataset, n=min(DETECTION_IMAGES, len(dataset) - 1), val_fraction=0.0, seed=seed
-    )
-    result = invert_all_classes(
-        loaded.model, subset, preprocessing.normalize, num_classes, progress=progress, seed=seed
-    )
-    return result.to_dict()
+    if len(dataset) > limit:
+        dataset, _ = defender_split(dataset, n=limit, val_fraction=0.0, seed=seed)
+    pixels, labels = _materialize(dataset)
+    rank = torch.empty_like(labels)
+    for label in labels.unique():
+        where = (labels == label).nonzero().squeeze(1)
+        rank[where] = torch.arange(len(where))
+    return pixels[torch.argsort(rank * (int(labels.max()) + 1) + labels)]
 
 
-def _detect_data_free(loaded, seed: int) -> dict[str, Any]:
-    """`hubdefend.detect.detect_backdoor` on the loaded model; a note instead when it cannot run."""
+def _detect(loaded, seed: int, data: str | None) -> dict[str, Any]:
+    """`hubdefend.detect.detect_backdoor` on the loaded model (with ``data``'s clean images when
+    given); a note instead when it cannot run."""
+    from hubdefend.data import load_data
     from hubdefend.detect import detect_backdoor
     from hubdefend.errors import HubDefendError
     from hubdefend.preprocess import Preprocessing
     from hubdefend.sanitize import num_classes_of
 
+    hint = "" if data is None else " (with --data)"
     try:
         preprocessing = Preprocessing.from_model(loaded.model, image_processor=loaded.image_processor)
         num_classes = num_classes_of(loaded.model)
     except HubDefendError as error:
-        return {
-            "method": None,
-            "note": f"No data-free detector ran ({error}). Pass --data for trigger inversion.",
-        }
+        return {"method": None, "note": f"No detector ran{hint}: {error}"}
     if num_classes < 3:
         return {
             "method": None,
-            "note": f"No data-free detector ran: {num_classes} classes are too few to compare with each other.",
+            "note": f"No detector ran: {num_classes} classes are too few to compare with each other.",
         }
+    images = None if data is None else detection_images(load_data(data, preprocessing), seed)
     found = detect_backdoor(
-        loaded.model, preprocessing.normalize, num_classes, tuple(preprocessing.input_size), seed=seed
+        loaded.model,
+        preprocessing.normalize,
+        num_classes,
+        tuple(preprocessing.input_size),
+        images=images,
+        seed=seed,
     )
     detection = found.to_dict()
     if not found.suspected and "note" not in detection:
         detection["note"] = (
-            f"data-free: top class {found.top_class}, anomaly index {max(found.anomaly_index):.2f}, "
-            f"p = {found.p_value:.2g} (flags at p < {found.alpha}); --data adds trigger inversion"
+            f"{found.method}: top class {found.top_class}, anomaly index {max(found.anomaly_index):.2f}, "
+            f"p = {found.p_value:.2g} (flags at p < {found.alpha})"
+            + ("; --data fits the triggers on clean images too" if data is None else "")
         )
     return detection
 
@@ -154,30 +166,16 @@ def scan(
         from hubdefend.hub_push import check_push
 
         check_push(push, create_pr=pr, source_repo=loaded.source)
-    if data is None:
-        result.detection = _detect_data_free(loaded, seed)
-        if result.detection["method"] is not None:
-            result.suspected_target = result.detection["suspected_target"]
-            result.anomaly_index = max(result.detection["anomaly_index"])
-            result.verdict = VERDICT_SUSPECTED if result.suspected_target is not None else VERDICT_NONE
+    result.detection = _detect(loaded, seed, data)
+    if result.detection["method"] is not None:
+        result.suspected_target = result.detection["suspected_target"]
+        result.anomaly_index = max(result.detection["anomaly_index"])
+        result.verdict = VERDICT_SUSPECTED if result.suspected_target is not None else VERDICT_NONE
+    if data is None or (defense is None and out is None and push is None):
         return result
 
-    from hubdefend.data import load_data
-    from hubdefend.preprocess import Preprocessing
-    from hubdefend.sanitize import num_classes_of, sanitize
+    from hubdefend.sanitize import sanitize
 
-    preprocessing = Preprocessing.from_model(loaded.model, image_processor=loaded.image_processor)
-    dataset = load_data(data, preprocessing)
-    num_classes = num_classes_of(loaded.model)
-    detection = _detect(loaded, dataset, preprocessing, num_classes, seed, progress)
-    result.detection = {"method": "neural-cleanse", **detection}
-    result.suspected_target = detection.get("suspected_target")
-    indices = detection.get("anomaly_index") or []
-    result.anomaly_index = max(indices) if indices else None
-    result.verdict = VERDICT_SUSPECTED if result.suspected_target is not None else VERDICT_NONE
-
-    if defense is None and out is None and push is None:
-        return result
     cleaned = sanitize(
         loaded,
         data,

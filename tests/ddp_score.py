@@ -1,4 +1,5 @@
-"""Run one defense under `accelerate launch` and save each process's masks (used by test_defenses).
+"""Run one defense under `accelerate launch` and save each process's masks (used by test_defenses);
+with ``synthesize`` for DEFENSE, data-free synthesis, saving each process's images (test_synthesis).
 
 accelerate launch --cpu --num_processes 2 tests/ddp_score.py MODEL_DIR OUT_DIR DEFENSE JSON_OPTIONS
 """
@@ -29,6 +30,17 @@ def main() -> None:
     accelerator = Accelerator(cpu=True)
     model = hubdefend.load(model_dir).model
     preprocessing = Preprocessing.from_timm(model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if defense == "synthesize":
+        from hubdefend.synthesis import synthesize
+
+        synthetic = synthesize(
+            model, num_classes=num_classes_of(model), preprocessing=preprocessing, accelerator=accelerator,
+            progress=False, **options,
+        )  # fmt: skip
+        torch.save(synthetic.pixels, out_dir / f"images-rank{accelerator.process_index}.pt")
+        accelerator.end_training()
+        return
     data = torch.utils.data.Subset(load_data("fmnist:train", preprocessing), range(50000, 50500))
     groups = hubdefend.discover(model)
     output = get_defense(defense)(**options).score(
@@ -41,7 +53,6 @@ def main() -> None:
         seed=0,
         progress=False,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(output.scores.values, out_dir / f"masks-rank{accelerator.process_index}.pt")
     # Tear the gloo group down before exit: otherwise a rank can abort in its destructor.
     accelerator.end_training()

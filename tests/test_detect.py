@@ -22,6 +22,7 @@ import torch
 from hubdefend.detect import (
     NULL_SAMPLES,
     MaxMargin,
+    NeuronCollapse,
     TriggerDominance,
     UniversalTrigger,
     detect_backdoor,
@@ -32,7 +33,7 @@ from hubdefend.detect import (
 )
 from hubdefend.errors import DataError
 from hubdefend.preprocess import Preprocessing
-from hubdefend.scan import VERDICT_NONE, VERDICT_SUSPECTED, scan
+from hubdefend.scan import VERDICT_NONE, VERDICT_SUSPECTED, detection_images, scan
 from hubdefend.schemas import validate
 
 # A small budget for the tests that check mechanics, not the verdict.
@@ -149,6 +150,58 @@ def test_cli_exit_status(name: str, expected: int, scans, tiny_backdoor, tiny_cl
     assert payload["detection"]["anomaly_index"] == pytest.approx(
         scans[name].detection["anomaly_index"], abs=1e-3
     )
+
+
+# ---- with the defender's clean images (`scan --data`) -------------------------------------------
+@pytest.fixture(scope="module")
+def data_scans(tiny_backdoor, tiny_clean) -> dict:
+    return {
+        name: scan(str(fixture.folder), data="fmnist:test", progress=False)
+        for name, fixture in (("backdoor", tiny_backdoor), ("clean", tiny_clean))
+    }
+
+
+def test_with_data_flags_the_backdoor_and_not_the_clean_model(data_scans, scans) -> None:
+    flagged, clean = data_scans["backdoor"], data_scans["clean"]
+    assert flagged.verdict == VERDICT_SUSPECTED and flagged.suspected_target == 0
+    assert clean.verdict == VERDICT_NONE and clean.detection["p_value"] >= 0.01
+    assert clean.anomaly_index < flagged.anomaly_index
+    for result in (flagged, clean):
+        detection = result.detection
+        assert detection["method"] == "clean-data" and detection["images"] == 500
+        assert set(detection["detectors"]) == {
+            "universal-trigger", "trigger-dominance", "mm-bd", "neuron-collapse"
+        }  # fmt: skip
+        collapse = detection["detectors"]["neuron-collapse"]
+        assert collapse["weight"] == 0  # reported beside the others, not in the verdict
+        assert sum(collapse["details"]["counts_noisy"]) == sum(collapse["details"]["counts_clean"]) == 500
+        validate(json.loads(json.dumps(result.to_dict())), "scan")
+    # The clean images change the universal triggers: they are fitted on them as well.
+    with_data = flagged.detection["detectors"]["universal-trigger"]["statistic"]
+    assert with_data != scans["backdoor"].detection["detectors"]["universal-trigger"]["statistic"]
+
+
+def test_detection_images_show_every_class_in_any_prefix(tiny_backdoor) -> None:
+    images = detection_images(tiny_backdoor.test, seed=0)
+    assert images.shape == (500, 3, 32, 32)
+    # The same images in the same order, seed after seed; labels recovered by matching pixels.
+    assert torch.equal(images, detection_images(tiny_backdoor.test, seed=0))
+    pixels = torch.stack([tiny_backdoor.test[i][0] for i in range(len(tiny_backdoor.test))])
+    labels = torch.tensor([tiny_backdoor.test[i][1] for i in range(len(tiny_backdoor.test))])
+    first = [int(labels[(pixels == image).flatten(1).all(1)][0]) for image in images[:20]]
+    assert first == list(range(10)) * 2
+    small = torch.utils.data.Subset(tiny_backdoor.test, range(30))
+    assert len(detection_images(small, seed=0)) == 30  # fewer than 500: all of them
+
+
+def test_detectors_that_need_data_and_bad_images(tiny_backdoor) -> None:
+    model, normalize = tiny_backdoor.model, tiny_backdoor.preprocessing.normalize
+    with pytest.raises(DataError, match="need clean images"):
+        detect_backdoor(model, normalize, 10, (3, 32, 32), detectors=(*CHEAP, NeuronCollapse()))
+    with pytest.raises(DataError, match="images must be N x 3 x 32 x 32"):
+        detect_backdoor(model, normalize, 10, (3, 32, 32), images=torch.rand(4, 1, 32, 32), detectors=CHEAP)
+    with pytest.raises(DataError, match="Unknown detector"):
+        detect_backdoor(model, normalize, 10, (3, 32, 32), detectors=("neural-cleanse",))
 
 
 # ---- mechanics ----------------------------------------------------------------------------------

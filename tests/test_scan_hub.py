@@ -26,7 +26,7 @@ from hubdefend.cli import EXIT_BACKDOOR_SUSPECTED, EXIT_ERROR, EXIT_OK
 from hubdefend.schemas import validate as validate_schema
 from tests.zoo import _VIT_LIKE
 
-NUM_CLASSES = 4  # trigger inversion runs once per class: few classes keep the CLI runs short
+NUM_CLASSES = 4  # detection fits one trigger per class: few classes keep the CLI runs short
 IMAGES_PER_CLASS = 6
 TRIGGER = "badnets:size=3,corner=br,target=0"
 FAST = ["-o", "iterations=5", "-o", "batch_size=16"]  # a few ANP steps: the tests check plumbing

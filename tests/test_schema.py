@@ -125,7 +125,7 @@ def test_scan_with_a_defense_carries_the_whole_report(report: dict[str, Any]) ->
         verdict=VERDICT_SUSPECTED,
         suspected_target=0,
         anomaly_index=3.2,
-        detection={"method": "neural-cleanse", "anomaly_index": [3.2, 0.4], "suspected_target": 0},
+        detection={"method": "clean-data", "anomaly_index": [3.2, 0.4], "suspected_target": 0},
         sanitize=report,
         pushed={
             "repo_id": "org/model-clean",

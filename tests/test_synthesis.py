@@ -4,6 +4,12 @@ prior label, and the model left as it was."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -83,6 +89,36 @@ def test_same_seed_same_images_and_model_untouched(tiny_backdoor) -> None:
     assert torch.equal(first, second) and not torch.equal(first, other)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # running stats too
     assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_two_processes_synthesise_the_same_images(tiny_backdoor, tmp_path: Path) -> None:
+    """Under `accelerate launch` with two (gloo, CPU) processes every process ends with the same
+    images, and they are the images one process makes: the seed, not the process, decides."""
+    options = {"n": 8, "steps": 5, "batch_size": 8, "seed": 1}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(Path(__file__).parent / "ddp_score.py"), str(tiny_backdoor.folder), str(tmp_path), "synthesize",
+        json.dumps(options),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command, check=True, timeout=600, env=env, cwd=Path(__file__).parent.parent)
+    rank0 = torch.load(tmp_path / "images-rank0.pt")
+    rank1 = torch.load(tmp_path / "images-rank1.pt")
+    assert rank0.shape == (8, 3, 32, 32) and torch.equal(rank0, rank1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the launched processes: the thread count changes float sums
+    try:
+        alone = synthesize(
+            tiny_backdoor.model,
+            num_classes=10,
+            preprocessing=tiny_backdoor.preprocessing,
+            progress=False,
+            **options,
+        ).pixels
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.allclose(rank0, alone, atol=1e-5)
 
 
 def test_vit_falls_back_to_the_priors_and_says_so() -> None:
