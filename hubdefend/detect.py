@@ -616,9 +616,7 @@ def detect_backdoor(
         device: where to optimise; default CUDA when available, else CPU.
     """
     if num_classes < 3:
-        raise DataError(
-            f"Detection compares classes with each other; this model has {num_classes}."
-        )
+        raise DataError(f"Detection compares classes with each other; this model has {num_classes}.")
     if detectors is None:
         detectors = DEFAULT_DETECTORS if images is None else DATA_DETECTORS
     unknown = [d for d in detectors if isinstance(d, str) and d not in DETECTORS]
