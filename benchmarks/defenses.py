@@ -15,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
 from models import MODELS_DIR, RECIPES, get_model
 
 from hubdefend.data import load_data
@@ -51,13 +52,14 @@ def run(model_name: str, defense: str, args) -> dict:
     record = backdoored.record
     preprocessing = Preprocessing.from_timm(backdoored.model)
     train = load_data("fmnist:train", preprocessing)
+    # The factory trains on the first `train_limit` images: the defender's come from the rest.
+    train = torch.utils.data.Subset(train, range(record["recipe"]["train_limit"], len(train)))
     test = load_data("fmnist:test", preprocessing, limit=args.eval_limit)
     size = args.defender_images or DEFENDER_IMAGES.get(defense, 500)
     options = dict(json.loads(args.options)) if args.options else {}
     # Data-free defenses get no data at all (their own rule is the operating point), unless
     # --defender-images asks for some.
     data_free = not get_defense(defense).needs_data and args.defender_images is None
-    # The defender's images come from the training half the attacker did not use for this model.
     result = sanitize(
         backdoored.model,
         None if data_free else train,
