@@ -222,20 +222,24 @@ class DetectorOutput:
 
 @dataclass(frozen=True)
 class Probe:
-    """What a detector runs on: the model as ``pixels -> logits``, its classes and input shape, the
+    """What a detector runs on: the model and its normalization (`forward` is the two as ``pixels ->
+    logits``; ``model`` itself is for detectors that look inside), its classes and input shape, the
     scan's seed, the defender's clean images when there are any (pixels in [0, 1], on the CPU), and
     ``shared``, where work one detector does and another reuses is kept (the universal triggers, by
-    their settings). ``model`` and ``normalize`` are there for detectors that look inside."""
+    their settings)."""
 
-    forward: Forward
+    model: nn.Module
+    normalize: Callable[[torch.Tensor], torch.Tensor]
     num_classes: int
     input_shape: tuple[int, int, int]
     seed: int
     device: torch.device
-    model: nn.Module | None = None
-    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None
     images: torch.Tensor | None = None
     shared: dict[str, Any] = field(default_factory=dict)
+
+    @functools.cached_property
+    def forward(self) -> Forward:
+        return _Forward(self.model, self.normalize)
 
     def generator(self, stream: str) -> torch.Generator:
         """A generator for ``stream`` (a detector's name): the same draws whichever detectors run
@@ -639,8 +643,7 @@ def detect_backdoor(
     started = time.perf_counter()
     outputs = []
     with frozen_on(model, device):
-        forward = _Forward(model, normalize)
-        probe = Probe(forward, num_classes, tuple(input_shape), seed, device, model, normalize, images)
+        probe = Probe(model, normalize, num_classes, tuple(input_shape), seed, device, images)
         for detector in chosen:  # each draws from its own stream: the order does not matter
             outputs.append(detector.run(probe))
     z = robust_z(torch.tensor([o.scores for o in outputs], dtype=torch.float64), scale)
