@@ -330,6 +330,7 @@ def load_data(
         dataset = _load_path(spec, preprocessing, split, image_column, label_column)
     if limit is not None and limit < len(dataset):
         dataset = Subset(dataset, range(limit))
+    dataset.spec = spec  # so that reports can say where the images came from (`spec_of`)
     return dataset
 
 
@@ -440,6 +441,26 @@ def _as_label(value: Any, column: str) -> int:
 
 
 # -- labels, splits, loaders --------------------------------------------------------------------------
+
+
+def materialize(dataset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack a (small) dataset of ``(pixels, label)`` pairs, or its first ``limit``, into two tensors."""
+    loader = DataLoader(dataset, batch_size=256, shuffle=False)
+    xs, ys = [], []
+    for x, y in loader:
+        xs.append(x)
+        ys.append(torch.as_tensor(y))
+        if limit is not None and sum(len(b) for b in xs) >= limit:
+            break
+    if not xs:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    x, y = torch.cat(xs), torch.cat(ys).long()
+    return (x[:limit], y[:limit]) if limit is not None else (x, y)
+
+
+def spec_of(data: Any) -> str | None:
+    """The data spec ``data`` was loaded from (`load_data` records it), or None for user datasets."""
+    return data if isinstance(data, str) else getattr(data, "spec", None)
 
 
 def labels_of(dataset: Dataset) -> list[int]:

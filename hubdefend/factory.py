@@ -98,9 +98,9 @@ def poison_indices(
 
 
 def _materialize(dataset, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    from hubdefend.sanitize import _materialize as stack
+    from hubdefend.data import materialize
 
-    x, y = stack(dataset, limit)
+    x, y = materialize(dataset, limit)
     if len(x) == 0:
         raise DataError("The training data is empty.")
     return x, y

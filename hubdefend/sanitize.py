@@ -143,21 +143,6 @@ def _check_finite(model: nn.Module) -> None:
             )
 
 
-def _materialize(dataset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack a (small) dataset of ``(pixels, label)`` pairs into two tensors."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=256, shuffle=False)
-    xs, ys = [], []
-    for x, y in loader:
-        xs.append(x)
-        ys.append(torch.as_tensor(y))
-        if limit is not None and sum(len(b) for b in xs) >= limit:
-            break
-    if not xs:
-        return torch.empty(0), torch.empty(0, dtype=torch.long)
-    x, y = torch.cat(xs), torch.cat(ys).long()
-    return (x[:limit], y[:limit]) if limit is not None else (x, y)
-
-
 class _Evaluator:
     """Batched predictions of one model under masks that stand for a pruning plan: every sweep
     point is measured on the same model with hooks, with no copy per point."""
@@ -248,7 +233,7 @@ def sanitize(
         mixed_precision: ``"bf16"`` or ``"fp16"`` when building the accelerator.
         **options: the defense's config fields (e.g. ``iterations=500`` for ANP).
     """
-    from hubdefend.data import load_data
+    from hubdefend.data import load_data, materialize, spec_of
     from hubdefend.preprocess import Preprocessing
 
     started = time.perf_counter()
@@ -331,7 +316,7 @@ def sanitize(
     trigger_obj = _parse_trigger(trigger)
     if eval_data is not None:
         eval_set = load_data(eval_data, preprocessing) if isinstance(eval_data, str) else eval_data
-        eval_x, eval_y = _materialize(eval_set)
+        eval_x, eval_y = materialize(eval_set)
 
     def measure(
         plan: PruningPlan, *, with_eval: bool, reversed: bool = True, on: _Evaluator = evaluator
@@ -397,8 +382,8 @@ def sanitize(
             "revision": loaded.revision,
         },
         data={
-            "spec": data if isinstance(data, str) else None,
-            "eval_spec": eval_data if isinstance(eval_data, str) else None,
+            "spec": spec_of(data),
+            "eval_spec": spec_of(eval_data),
             "defender_images": 0 if defender is None else len(defender),
             "validation_images": 0 if val is None else len(val),
             "labels_used": defense_cls.needs_labels,
@@ -446,7 +431,7 @@ def sanitize(
 
 def _defender_data(data, preprocessing, defense_cls, num_classes, defender_size, seed):
     """The defender images, the held-out validation split, and the images the budget is checked on."""
-    from hubdefend.data import check_labels, defender_split, load_data
+    from hubdefend.data import check_labels, defender_split, load_data, materialize
 
     dataset = load_data(data, preprocessing) if isinstance(data, str) else data
     if isinstance(dataset, torch.utils.data.DataLoader):
@@ -470,13 +455,13 @@ def _defender_data(data, preprocessing, defense_cls, num_classes, defender_size,
         defender, val = defender_split(
             dataset, n=defender_size, seed=seed, labels_needed=defense_cls.needs_labels
         )
-    val_x, val_y = _materialize(val)
+    val_x, val_y = materialize(val)
     # The accuracy budget is checked on every clean image the defender has (the held-out split AND
     # the defender images): 125 held-out images alone move 0.8 points per image, as much noise as
     # the budget itself. The defense fits masks, never weights, on the defender images, so the bias
     # is small. The reversed trigger, which is fitted to the defender images, is judged on the
     # held-out split only.
-    defender_x, defender_y = _materialize(defender)
+    defender_x, defender_y = materialize(defender)
     return defender, val, val_x, val_y, torch.cat([val_x, defender_x]), torch.cat([val_y, defender_y])
 
 

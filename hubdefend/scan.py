@@ -77,12 +77,11 @@ def _facts(loaded) -> dict[str, Any]:
 def detection_images(dataset, seed: int, limit: int = DETECTION_IMAGES) -> torch.Tensor:
     """Up to ``limit`` clean images of ``dataset``, stratified over its classes and in round-robin
     class order, so that any prefix (the universal triggers take the first few) shows every class."""
-    from hubdefend.data import defender_split
-    from hubdefend.sanitize import _materialize
+    from hubdefend.data import defender_split, materialize
 
     if len(dataset) > limit:
         dataset, _ = defender_split(dataset, n=limit, val_fraction=0.0, seed=seed)
-    pixels, labels = _materialize(dataset)
+    pixels, labels = materialize(dataset)
     rank = torch.empty_like(labels)
     for label in labels.unique():
         where = (labels == label).nonzero().squeeze(1)
@@ -90,16 +89,24 @@ def detection_images(dataset, seed: int, limit: int = DETECTION_IMAGES) -> torch
     return pixels[torch.argsort(rank * (int(labels.max()) + 1) + labels)]
 
 
-def _detect(loaded, seed: int, data: str | None) -> dict[str, Any]:
-    """`hubdefend.detect.detect_backdoor` on the loaded model (with ``data``'s clean images when
-    given); a note instead when it cannot run."""
+def _load_clean(loaded, data: str):
+    """The clean dataset ``data`` names, preprocessed for the loaded model."""
     from hubdefend.data import load_data
+    from hubdefend.preprocess import Preprocessing
+
+    preprocessing = Preprocessing.from_model(loaded.model, image_processor=loaded.image_processor)
+    return load_data(data, preprocessing)
+
+
+def _detect(loaded, seed: int, clean) -> dict[str, Any]:
+    """`hubdefend.detect.detect_backdoor` on the loaded model (with the ``clean`` dataset's images
+    when given); a note instead when it cannot run."""
     from hubdefend.detect import detect_backdoor
     from hubdefend.errors import HubDefendError
     from hubdefend.preprocess import Preprocessing
     from hubdefend.sanitize import num_classes_of
 
-    hint = "" if data is None else " (with --data)"
+    hint = "" if clean is None else " (with --data)"
     try:
         preprocessing = Preprocessing.from_model(loaded.model, image_processor=loaded.image_processor)
         num_classes = num_classes_of(loaded.model)
@@ -110,7 +117,7 @@ def _detect(loaded, seed: int, data: str | None) -> dict[str, Any]:
             "method": None,
             "note": f"No detector ran: {num_classes} classes are too few to compare with each other.",
         }
-    images = None if data is None else detection_images(load_data(data, preprocessing), seed)
+    images = None if clean is None else detection_images(clean, seed)
     found = detect_backdoor(
         loaded.model,
         preprocessing.normalize,
@@ -124,7 +131,7 @@ def _detect(loaded, seed: int, data: str | None) -> dict[str, Any]:
         detection["note"] = (
             f"{found.method}: top class {found.top_class}, anomaly index {max(found.anomaly_index):.2f}, "
             f"p = {found.p_value:.2g} (flags at p < {found.alpha})"
-            + ("; --data fits the triggers on clean images too" if data is None else "")
+            + ("; --data fits the triggers on clean images too" if clean is None else "")
         )
     return detection
 
@@ -166,7 +173,9 @@ def scan(
         from hubdefend.hub_push import check_push
 
         check_push(push, create_pr=pr, source_repo=loaded.source)
-    result.detection = _detect(loaded, seed, data)
+    # Loaded once: the detectors and the defense take their images from the same dataset.
+    clean = None if data is None else _load_clean(loaded, data)
+    result.detection = _detect(loaded, seed, clean)
     if result.detection["method"] is not None:
         result.suspected_target = result.detection["suspected_target"]
         result.anomaly_index = max(result.detection["anomaly_index"])
@@ -178,7 +187,7 @@ def scan(
 
     cleaned = sanitize(
         loaded,
-        data,
+        clean,
         defense=defense or "anp",
         trigger=trigger,
         eval_data=eval_data,

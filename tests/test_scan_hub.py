@@ -202,7 +202,13 @@ def timm_scan(timm_source, image_dir, tmp_path_factory) -> dict:
         "--json",
         "--quiet",
     )  # fmt: skip
-    return {"payload": scan_json(proc), "out": out, "target": target, "stderr": proc.stderr}
+    return {
+        "payload": scan_json(proc),
+        "out": out,
+        "target": target,
+        "stderr": proc.stderr,
+        "image_dir": image_dir,
+    }
 
 
 # ---- round trips -------------------------------------------------------------------------------
@@ -229,7 +235,10 @@ def test_timm_scan_push_and_stock_load(timm_source, timm_scan, hub_server, tmp_p
     assert {"config.json", "model.safetensors", "README.md", "report.json"} <= set(files)
     assert any(name.endswith(".png") for name in files)
     assert files["model.safetensors"] == (out / "model.safetensors").read_bytes()
-    assert json.loads(files["report.json"])["defense"] == "anp"
+    report = json.loads(files["report.json"])
+    assert report["defense"] == "anp"
+    # The data was loaded once for detection and defense; the report still names where it came from.
+    assert report["data"]["spec"] == report["data"]["eval_spec"] == str(timm_scan["image_dir"])
     assert hub_server.commits(source)[-1] == sha  # the scanned repo is untouched
 
     # Stock timm in a process that never imports hubdefend == the cleaned model loaded locally.
