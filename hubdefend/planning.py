@@ -21,6 +21,9 @@ from hubdefend.errors import PlanError
 
 REFERENCE_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 19))  # the references sweep 0.05..0.9
 NEURON_FRACTIONS = (0.0025, 0.005, 0.01, 0.02, 0.03, 0.05)  # CNP's operating point is about 1%
+# Below the fractions: a backdoor that sits in a handful of channels (RNP on the ResNet-18 BadNets
+# benchmark model: the first fraction, 12 of 4800, already costs 2.5 BA points; 4 do the job).
+NEURON_COUNTS = (1, 2, 4, 8)
 DEFAULT_BA_BUDGET = 0.02
 REVERSED_ASR_SLACK = 0.05
 
@@ -151,8 +154,8 @@ def max_candidate(scores: NeuronScores, max_fraction: float = 0.1) -> int:
 def candidate_counts(
     scores: NeuronScores, *, max_fraction: float = 0.1, cap: int | None = None
 ) -> list[tuple[int, float | None]]:
-    """Candidate prune counts: the reference threshold sweep, plus fixed fractions of all neurons;
-    each once, capped at ``max_fraction`` of the neurons or at ``cap`` when it is lower."""
+    """Candidate prune counts: the reference threshold sweep, plus a few small counts and fixed
+    fractions of all neurons; each once, capped at ``max_fraction`` of the neurons or at ``cap``."""
     total = len(scores.ranked())
     cap = min(max_candidate(scores, max_fraction), cap if cap is not None else total)
     candidates: dict[int, float | None] = {0: None}
@@ -160,8 +163,8 @@ def candidate_counts(
         count = count_below(scores, threshold)
         if count <= cap:
             candidates.setdefault(count, threshold)
-    for fraction in NEURON_FRACTIONS:
-        count = max(1, round(total * fraction))
+    counts = [*NEURON_COUNTS, *(max(1, round(total * fraction)) for fraction in NEURON_FRACTIONS)]
+    for count in counts:
         if count <= cap:
             candidates.setdefault(count, None)
     return sorted(candidates.items())
