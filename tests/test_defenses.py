@@ -135,6 +135,19 @@ def test_rnp_unlearning_stops_at_its_threshold(tiny_backdoor) -> None:
     assert report.notes["unlearning_steps"] > 0
 
 
+def test_rnp_reference_choices_run_and_bad_ones_are_refused(tiny_backdoor) -> None:
+    # The reference's recovery (batch statistics) and ranking (final mask) stay one option away.
+    reference = run(tiny_backdoor, "rnp", prune=3, recover_mode="train", rank_by="final", recovering_epochs=2)
+    ours = run(tiny_backdoor, "rnp", prune=3, recovering_epochs=2)
+    assert reference.report.options["rank_by"] == "final" and ours.report.options["rank_by"] == "mean"
+    assert reference.report.neurons_pruned == ours.report.neurons_pruned == 3
+    assert not torch.equal(
+        torch.cat(list(reference.scores.values.values())), torch.cat(list(ours.scores.values.values()))
+    )
+    with pytest.raises(DefenseError, match="recover_mode 'eval' or 'train'"):
+        run(tiny_backdoor, "rnp", recover_mode="batch")
+
+
 def test_cnp_ignores_labels(tiny_backdoor) -> None:
     torch.manual_seed(0)
     shuffled = [(x, int(torch.randint(0, 10, ()))) for x, _ in tiny_backdoor.defender]
