@@ -46,6 +46,18 @@ class RNPConfig(DefenseConfig):
     rank_by: str = "mean"  # "mean" (ours: each mask averaged over the recovery) or "final" (the reference)
     batch_size: int = 128
 
+    def __post_init__(self) -> None:
+        # Refused when the config is built, before sanitize loads data or copies the model.
+        for name, allowed in (
+            ("stop_check", ("step", "epoch")),
+            ("recover_mode", ("eval", "train")),
+            ("rank_by", ("mean", "final")),
+        ):
+            value = getattr(self, name)
+            if value not in allowed:
+                choices = " or ".join(repr(choice) for choice in allowed)
+                raise DefenseError(f"rnp {name}={value!r}: give {name} {choices}.")
+
 
 @register_defense("rnp")
 class RNP(Defense):
@@ -69,19 +81,13 @@ class RNP(Defense):
 
     def score(self, model, groups, data, *, normalize, num_classes, accelerator, seed=0, progress=True):
         cfg: RNPConfig = self.config
-        if cfg.recover_mode not in ("eval", "train") or cfg.rank_by not in ("mean", "final"):
-            raise DefenseError(
-                f"rnp recover_mode={cfg.recover_mode!r}, rank_by={cfg.rank_by!r}: give recover_mode "
-                "'eval' or 'train' and rank_by 'mean' or 'final'."
-            )
         torch.manual_seed(seed)
         unlearned, unlearn_notes = self._unlearn(model, data, normalize, accelerator, seed, progress)
         masks = NeuronMasks(groups)
         optimizer = torch.optim.SGD(list(masks.mask), lr=cfg.recovering_lr, momentum=cfg.recovering_momentum)
         loader = loader_for(data, batch_size=cfg.batch_size, seed=seed + 1)
         mask_sums = [torch.zeros_like(mask) for mask in masks.mask]
-        train_mode = cfg.recover_mode == "train"
-        with frozen(unlearned, train_mode=train_mode), masks.attached_to(unlearned):
+        with frozen(unlearned, train_mode=cfg.recover_mode == "train"), masks.attached_to(unlearned):
             masked_model, optimizer, loader = accelerator.prepare(
                 MaskedModel(unlearned, masks, normalize), optimizer, loader
             )
@@ -127,8 +133,6 @@ class RNP(Defense):
         milestones = [m * steps_per_epoch for m in cfg.unlearning_milestones]
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
         max_steps = cfg.unlearning_epochs * steps_per_epoch
-        if cfg.stop_check not in ("step", "epoch"):
-            raise DefenseError(f"rnp stop_check={cfg.stop_check!r}: give 'step' or 'epoch'.")
         step, accuracy, epoch_correct = 0, 1.0, []
         with progress_bar(accelerator, enabled=progress) as bar:
             task = bar.add_task("RNP unlearn", total=max_steps, status="")
