@@ -90,17 +90,17 @@ def detection_images(dataset, seed: int, limit: int = DETECTION_IMAGES) -> torch
 
 
 def _load_clean(loaded, data: str):
-    """The clean dataset ``data`` names, preprocessed for the loaded model."""
+    """The clean dataset ``data`` names, preprocessed for the loaded model, and that preprocessing."""
     from hubdefend.data import load_data
     from hubdefend.preprocess import Preprocessing
 
     preprocessing = Preprocessing.from_model(loaded.model, image_processor=loaded.image_processor)
-    return load_data(data, preprocessing)
+    return load_data(data, preprocessing), preprocessing
 
 
-def _detect(loaded, seed: int, clean) -> dict[str, Any]:
+def _detect(loaded, seed: int, clean, preprocessing=None) -> dict[str, Any]:
     """`hubdefend.detect.detect_backdoor` on the loaded model (with the ``clean`` dataset's images
-    when given); a note instead when it cannot run."""
+    and their ``preprocessing`` when given); a note instead when it cannot run."""
     from hubdefend.detect import detect_backdoor
     from hubdefend.errors import HubDefendError
     from hubdefend.preprocess import Preprocessing
@@ -108,7 +108,8 @@ def _detect(loaded, seed: int, clean) -> dict[str, Any]:
 
     hint = "" if clean is None else " (with --data)"
     try:
-        preprocessing = Preprocessing.from_model(loaded.model, image_processor=loaded.image_processor)
+        if preprocessing is None:
+            preprocessing = Preprocessing.from_model(loaded.model, image_processor=loaded.image_processor)
         num_classes = num_classes_of(loaded.model)
     except HubDefendError as error:
         return {"method": None, "note": f"No detector ran{hint}: {error}"}
@@ -174,8 +175,8 @@ def scan(
 
         check_push(push, create_pr=pr, source_repo=loaded.source)
     # Loaded once: the detectors and the defense take their images from the same dataset.
-    clean = None if data is None else _load_clean(loaded, data)
-    result.detection = _detect(loaded, seed, clean)
+    clean, preprocessing = (None, None) if data is None else _load_clean(loaded, data)
+    result.detection = _detect(loaded, seed, clean, preprocessing)
     if result.detection["method"] is not None:
         result.suspected_target = result.detection["suspected_target"]
         result.anomaly_index = max(result.detection["anomaly_index"])
@@ -192,6 +193,7 @@ def scan(
         trigger=trigger,
         eval_data=eval_data,
         seed=seed,
+        preprocessing=preprocessing,
         progress=progress,
         **options,
     )
