@@ -20,6 +20,8 @@ from models import MODELS_DIR, RECIPES, get_model
 
 from hubdefend.data import load_data
 from hubdefend.defenses import get_defense, list_defenses
+from hubdefend.neurons import NEURON_KINDS
+from hubdefend.planning import DEFAULT_BA_BUDGET
 from hubdefend.preprocess import Preprocessing
 from hubdefend.sanitize import sanitize
 
@@ -70,11 +72,14 @@ def run(model_name: str, defense: str, args) -> dict:
         eval_sweep=True,
         progress=not args.quiet,
         seed=args.seed,
+        kinds=tuple(args.kinds) if args.kinds else None,
+        ba_budget=args.ba_budget,
         **options,
     )
     report = result.report.to_dict()
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{model_name}-{defense}.json").write_text(json.dumps(report, indent=2))
+    suffix = "".join(f"-{kind}" for kind in args.kinds or ())
+    (RESULTS / f"{model_name}-{defense}{suffix}.json").write_text(json.dumps(report, indent=2))
     return report
 
 
@@ -88,6 +93,15 @@ def main() -> None:
     parser.add_argument("--eval-limit", type=int, default=None, help="use the first N test images")
     parser.add_argument("--options", default=None, help="JSON object of defense options")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--kinds", nargs="*", choices=NEURON_KINDS, help="neuron kinds (default: the model's)"
+    )
+    parser.add_argument(
+        "--ba-budget",
+        type=float,
+        default=DEFAULT_BA_BUDGET,
+        help="clean accuracy the automatic point may spend",
+    )
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     for name in args.defenses:
@@ -111,8 +125,9 @@ def main() -> None:
                 if best is None
                 else f"{best['ba'] * 100:.2f}/{best['asr'] * 100:.2f}/{best['neurons_pruned']}"
             )
+            label = defense if not args.kinds else f"{defense} ({', '.join(report['neuron_kinds'])})"
             print(
-                f"| {model_name} | {defense} | {report['data']['defender_images'] + report['data']['validation_images']} "
+                f"| {model_name} | {label} | {report['data']['defender_images'] + report['data']['validation_images']} "
                 f"| {report['ba_after'] * 100:.2f} | {report['asr_after'] * 100:.2f} | "
                 f"{report['neurons_pruned']}/{report['neurons_total']} | {report['operating_point']['rule']} | {best_text} | "
                 f"{report['seconds']:.0f} | {passes(report)} | {report['peak_memory_mb']:.0f} |",

@@ -83,9 +83,9 @@ def main() -> None:
         outside = measure_y != trigger.target
         measure_triggered = trigger.apply(measure_x[outside])
 
-        def predict(x):
+        def predict(x, model=model, normalize=preprocessing.normalize):
             with torch.no_grad():
-                return model(preprocessing.normalize(x)).argmax(1)
+                return model(normalize(x)).argmax(1)
 
         for kind in args.kinds:
             groups = [g for g in discover(model, kinds=(kind,)) if g.kind == kind]
