@@ -15,6 +15,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from hubdefend.planning import DEFAULT_BA_BUDGET
 from hubdefend.report import Report
 
 TEMPLATE = "model_card.md"
@@ -99,6 +100,11 @@ def reproduce_command(report: Report, source_id: str) -> str:
         parts += ["-o", f"{key}={value}"]
     if report.operating_point.get("rule_requested", "auto") != "auto":
         parts += ["--prune", str(report.operating_point.get("value"))]
+    if report.neuron_kinds:  # explicit: the default depends on the model
+        parts += ["--kinds", ",".join(report.neuron_kinds)]
+    budget = report.operating_point.get("ba_budget", DEFAULT_BA_BUDGET)
+    if budget != DEFAULT_BA_BUDGET:
+        parts += ["--ba-budget", str(budget)]
     parts += ["--seed", str(report.seed), "--out", "cleaned"]
     return shlex.join(parts)
 

@@ -19,6 +19,7 @@ from rich.table import Table
 
 import hubdefend
 from hubdefend.errors import HubDefendError
+from hubdefend.planning import DEFAULT_BA_BUDGET
 from hubdefend.sources import load as load_model
 
 EXIT_OK = 0  # no backdoor evidence
@@ -205,6 +206,20 @@ def sanitize(
     defender_size: Annotated[
         int | None, typer.Option("--defender-size", help="Use only N images of --data.")
     ] = None,
+    kinds: Annotated[
+        str | None,
+        typer.Option(
+            "--kinds",
+            help="Neuron kinds to prune, comma-separated: norm, mlp, head (default: norm for CNNs, mlp for "
+            "transformers; see `hubdefend inspect`).",
+        ),
+    ] = None,
+    ba_budget: Annotated[
+        float,
+        typer.Option(
+            "--ba-budget", help="Clean accuracy the automatic operating point may spend (0.02: 2 points)."
+        ),
+    ] = DEFAULT_BA_BUDGET,
     option: Annotated[
         list[str] | None,
         typer.Option("--option", "-o", help="Defense option KEY=VALUE (repeatable), e.g. -o iterations=500."),
@@ -231,6 +246,8 @@ def sanitize(
         prune=prune,
         seed=seed,
         defender_size=defender_size,
+        kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()) if kinds else None,
+        ba_budget=ba_budget,
         progress=not (quiet or as_json),
         **parse_options(option or []),
     )

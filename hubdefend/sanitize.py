@@ -25,6 +25,7 @@ from hubdefend.bake import PruningPlan, bake
 from hubdefend.defenses import DefenseOutput, NeuronScores, data_free_defenses, few_shot_defenses, get_defense
 from hubdefend.errors import DataError, DefenseError
 from hubdefend.masks import NeuronMasks
+from hubdefend.neurons import NEURON_KINDS
 from hubdefend.planning import (
     DEFAULT_BA_BUDGET,
     OperatingPoint,
@@ -240,9 +241,22 @@ def sanitize(
     defense_cls = get_defense(defense)
     defense_obj = defense_cls(**options)
     rule = PruneRule.parse(prune)
+    if not 0 <= ba_budget < 1:
+        raise DefenseError(
+            f"ba_budget={ba_budget} is not a fraction of clean accuracy: give one in [0, 1), e.g. 0.02 for 2 points."
+        )
     loaded = _as_loaded(model)
     source_model = loaded.model
     _check_finite(source_model)
+    # The groups name module paths, the same in the private copy made below.
+    kinds = tuple(kinds or default_kinds(source_model))
+    groups = [g for g in hubdefend.discover(source_model, kinds=kinds) if g.kind in kinds]
+    if not groups:
+        found = sorted({g.kind for g in hubdefend.discover(source_model, kinds=NEURON_KINDS)})
+        raise DefenseError(
+            f"This model has no {' or '.join(kinds)} neurons; it has {', '.join(found) or 'none the adapters know'}: "
+            "pass kinds= with those."
+        )
     if preprocessing is None:
         preprocessing = Preprocessing.from_model(source_model, image_processor=loaded.image_processor)
     num_classes = num_classes_of(source_model)
@@ -263,8 +277,6 @@ def sanitize(
 
     # 1. Score neurons on a private copy.
     work = copy.deepcopy(source_model).eval()
-    kinds = tuple(kinds or default_kinds(work))
-    groups = [g for g in hubdefend.discover(work, kinds=kinds) if g.kind in kinds]
     torch.manual_seed(seed)
     defense_started = time.perf_counter()
     output: DefenseOutput = defense_obj.score(

@@ -20,7 +20,7 @@ def _report(options: dict) -> Report:
         neurons_total=10,
         neurons_pruned=1,
         pruned={"bn": [0]},
-        operating_point={"rule_requested": "count", "value": 1},
+        operating_point={"rule_requested": "count", "value": 1, "ba_budget": 0.05},
         trigger="badnets:size=3,corner=br,target=0",
     )
 
@@ -32,5 +32,11 @@ def test_reproduce_command_repeats_changed_options_only() -> None:
     argv = shlex.split(reproduce_command(report, "org/model"))
     assert argv[:3] == ["hubdefend", "sanitize", "org/model"]
     assert [argv[i + 1] for i, a in enumerate(argv) if a == "-o"] == ["recovering_epochs=5"]
-    for flag, value in (("--data", "fmnist:train"), ("--eval-data", "fmnist:test"), ("--prune", "1")):
+    for flag, value in (
+        ("--data", "fmnist:train"),
+        ("--eval-data", "fmnist:test"),
+        ("--prune", "1"),
+        ("--kinds", "norm"),
+        ("--ba-budget", "0.05"),
+    ):
         assert argv[argv.index(flag) + 1] == value

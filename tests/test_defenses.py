@@ -173,6 +173,10 @@ def test_bad_input(tiny_backdoor) -> None:
         sanitize(tiny_backdoor.model, [(x, 42) for x, _ in list(tiny_backdoor.defender)[:40]], defense="anp")
     with pytest.raises(DefenseError, match="no option"):
         sanitize(tiny_backdoor.model, tiny_backdoor.defender, defense="anp", nonsense=1)
+    with pytest.raises(DefenseError, match="no head neurons; it has norm"):
+        sanitize(tiny_backdoor.model, tiny_backdoor.defender, defense="anp", kinds=("head",))
+    with pytest.raises(DefenseError, match="0.02 for 2 points"):
+        sanitize(tiny_backdoor.model, tiny_backdoor.defender, defense="anp", ba_budget=2)
     broken = hubdefend.load(tiny_backdoor.folder).model
     next(broken.parameters()).data[0] = float("nan")
     with pytest.raises(DefenseError, match="NaN"):

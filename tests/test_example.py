@@ -71,6 +71,33 @@ def test_evaluate_cli_json(tmp_path: Path) -> None:
     assert "Warning" not in result.stderr  # RGB PNGs: no grey-conversion note on the main job
 
 
+def test_sanitize_cli_writes_the_model_and_report(tmp_path: Path) -> None:
+    args = ("sanitize", "example", "--data", "example", "--defense", "rnp", "-o", "recovering_epochs=1")
+    result = run_cli(
+        *args,
+        "--prune",
+        "2",
+        "--kinds",
+        "norm",
+        "--ba-budget",
+        "0.05",
+        "--out",
+        "out",
+        "--json",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["neuron_kinds"] == ["norm"] and report["neurons_pruned"] == 2
+    assert report["operating_point"]["ba_budget"] == 0.05
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["pruned"] == report["pruned"]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    # A kind this CNN does not have is refused before anything is written.
+    refused = run_cli(*args, "--kinds", "head", "--out", "refused", cwd=tmp_path)
+    assert refused.returncode == 1 and "no head neurons; it has norm" in refused.stderr
+    assert not (tmp_path / "refused").exists()
+
+
 def test_scan_accepts_the_example(tmp_path: Path) -> None:
     result = run_cli("scan", "hubdefend:example", "--json", cwd=tmp_path)
     assert result.returncode == EXIT_BACKDOOR_SUSPECTED, result.stderr  # no data, and still caught
