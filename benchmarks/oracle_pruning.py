@@ -24,7 +24,7 @@ from hubdefend.masks import NeuronMasks
 from hubdefend.preprocess import Preprocessing
 from hubdefend.triggers import parse_trigger
 
-COUNTS = (1, 4, 16, 64, 128, 256, 512, 1024)
+COUNTS = (0, 1, 4, 16, 64, 128, 256, 512, 1024)
 
 
 def hooked_means(model, groups, normalize, pixels) -> dict[str, torch.Tensor]:

@@ -210,7 +210,7 @@ def sanitize(
         str | None,
         typer.Option(
             "--kinds",
-            help="Neuron kinds to prune, comma-separated: norm, mlp, head (default: norm for CNNs, mlp for "
+            help="Neuron kinds to prune, comma-separated: norm, mlp, head (default: norm for CNNs, mlp,head for "
             "transformers; see `hubdefend inspect`).",
         ),
     ] = None,

@@ -154,7 +154,7 @@ def test_l2_perturbation_and_weight_training(tiny_backdoor, trainable: str) -> N
     assert not any(p.requires_grad for p in output.model.parameters())
 
 
-def test_vit_mlp_units_fall_back() -> None:
+def test_vit_units_fall_back() -> None:
     import timm
 
     torch.manual_seed(0)
@@ -165,7 +165,7 @@ def test_vit_mlp_units_fall_back() -> None:
     with pytest.warns(UserWarning, match="no BatchNorm running statistics"):
         result = sanitize(vit, None, defense="dbrpu", progress=False, **options)
     report = result.report
-    assert report.neuron_kinds == ["mlp"] and report.neurons_pruned == 0  # no running stats, no KL
+    assert report.neuron_kinds == ["mlp", "head"] and report.neurons_pruned == 0  # no running stats, no KL
     assert report.notes["synthesis"]["prior"] == "none"
 
 

@@ -204,9 +204,9 @@ def test_two_processes_end_with_identical_masks(tiny_backdoor, tmp_path: Path) -
 
 
 @pytest.mark.parametrize("defense", MASK_DEFENSES)
-def test_defenses_run_on_vit_mlp_units(tiny_backdoor, defense: str) -> None:
-    # MLP units have no shift (beta), so their xi perturbation takes no gradient: the noise step must
-    # skip it rather than fail (it did, on the first real ViT).
+def test_defenses_run_on_vit_mlp_units_and_heads(tiny_backdoor, defense: str) -> None:
+    # MLP units and heads have no shift (beta), so their xi perturbation takes no gradient: the noise
+    # step must skip it rather than fail (it did, on the first real ViT). Both kinds are the default.
     import timm
 
     torch.manual_seed(0)
@@ -218,4 +218,4 @@ def test_defenses_run_on_vit_mlp_units(tiny_backdoor, defense: str) -> None:
         defense, {"rounds": 1, "batches_per_round": 1, "inversion_epochs": 1}
     )
     result = sanitize(vit, data, defense=defense, prune=3, progress=False, **options)
-    assert result.report.neuron_kinds == ["mlp"] and result.report.neurons_pruned == 3
+    assert result.report.neuron_kinds == ["mlp", "head"] and result.report.neurons_pruned == 3
