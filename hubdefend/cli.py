@@ -211,7 +211,7 @@ def sanitize(
         typer.Option(
             "--kinds",
             help="Neuron kinds to prune, comma-separated: norm, mlp, head (default: norm for CNNs, mlp,head for "
-            "transformers; see `hubdefend inspect`).",
+            "transformers).",
         ),
     ] = None,
     ba_budget: Annotated[
