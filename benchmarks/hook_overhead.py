@@ -74,10 +74,11 @@ def main() -> None:
     print("| model | neurons masked | plain fwd+bwd (ms) | hooked fwd+bwd (ms) | overhead |")
     print("|---|---|---|---|---|")
     for name in args.models.split(","):
-        for kinds in (("norm",), ("mlp",)) if name.startswith("vit") else (("norm",),):
+        vit_kinds = (("norm",), ("mlp",), ("head",), ("mlp", "head"))  # the last: the ViT default
+        for kinds in vit_kinds if name.startswith("vit") else (("norm",),):
             plain, hooked, neurons = measure(name, args.batch_size, args.repeats, kinds)
             print(
-                f"| {name} ({kinds[0]}) | {neurons} | {plain * 1e3:.1f} | {hooked * 1e3:.1f} "
+                f"| {name} ({'+'.join(kinds)}) | {neurons} | {plain * 1e3:.1f} | {hooked * 1e3:.1f} "
                 f"| {100 * (hooked / plain - 1):+.1f}% |"
             )
 
