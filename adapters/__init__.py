@@ -14,7 +14,7 @@ from torch import nn
 
 from hubdefend.adapters.base import Adapter, LoadedModel
 from hubdefend.errors import HubDefendError, NoNormLayersError
-from hubdefend.neurons import NEURON_KINDS, NeuronGroup
+from hubdefend.neurons import EXCLUSIVE_KINDS, NEURON_KINDS, NeuronGroup
 
 ENTRY_POINT_GROUP = "hubdefend.adapters"
 _REGISTRY: list[type[Adapter]] = []
@@ -66,22 +66,37 @@ def discover(model: nn.Module, *, kinds: tuple[str, ...] | list[str] = ("norm",)
     Args:
         model: a timm, transformers or any other torch model (not ``torch.compile``d: compile after).
         kinds: which neuron kinds to return: ``"norm"`` (normalization channels, the default),
-            ``"mlp"`` (transformer MLP hidden units), ``"head"`` (attention heads).
+            ``"mlp"`` (transformer MLP hidden units), ``"head"`` (attention heads) or ``"attn"``
+            (the channels of the attention output, ``head_dim`` per head; not with ``"head"``).
 
     Returns:
         One `NeuronGroup` per layer, in module order, norms first.
 
     Raises:
         NoNormLayersError: ``"norm"`` was asked for and the model has no normalization layer.
+        HubDefendError: an unknown kind, or ``"head"`` with ``"attn"``.
     """
     unknown = set(kinds) - set(NEURON_KINDS)
     if unknown:
         raise HubDefendError(f"Unknown neuron kind(s) {sorted(unknown)}; choose from {list(NEURON_KINDS)}.")
+    if all(kind in kinds for kind in EXCLUSIVE_KINDS):
+        raise HubDefendError(
+            "Neuron kinds 'head' and 'attn' mask the same projection input (a head is head_dim attn "
+            "channels): choose one of them."
+        )
     adapter = adapter_for(model)
     groups = adapter.discover(model, kinds=tuple(kinds))
     if "norm" in kinds and not any(g.kind == "norm" for g in groups):
         raise NoNormLayersError(adapter.architecture(model))
     return groups
+
+
+def available_kinds(model: nn.Module) -> tuple[str, ...]:
+    """The neuron kinds `discover` finds in ``model``, in `NEURON_KINDS` order."""
+    found = {g.kind for g in adapter_for(model).discover(model, kinds=("norm", "mlp", "head"))}
+    if "head" in found:
+        found.add("attn")  # the same layers as the heads, one neuron per channel
+    return tuple(kind for kind in NEURON_KINDS if kind in found)
 
 
 # Built-in adapters register on import; the generic one first so that it is tried last.
@@ -92,6 +107,7 @@ __all__ = [
     "Adapter",
     "LoadedModel",
     "adapter_for",
+    "available_kinds",
     "discover",
     "list_adapters",
     "register_adapter",

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from hubdefend.errors import HubDefendError
-from hubdefend.neurons import NeuronGroup, find_norm_groups
+from hubdefend.neurons import NeuronGroup, attention_channels, find_norm_groups
 
 
 @dataclass
@@ -53,10 +53,14 @@ class Adapter:
     def discover(self, model: nn.Module, *, kinds: tuple[str, ...]) -> list[NeuronGroup]:
         """Neuron groups of ``model`` of the given kinds, norms first."""
         groups = find_norm_groups(model) if "norm" in kinds else []
-        return groups + [g for g in self.transformer_units(model) if g.kind in kinds]
+        units = self.transformer_units(model)
+        if "attn" in kinds:  # every family that knows its heads knows their channels
+            units = [attention_channels(g) if g.kind == "head" else g for g in units]
+        return groups + [g for g in units if g.kind in kinds]
 
     def transformer_units(self, model: nn.Module) -> list[NeuronGroup]:
-        """MLP hidden units and attention heads; none unless the family knows its blocks."""
+        """MLP hidden units and attention heads; none unless the family knows its blocks (the
+        ``attn`` channels are derived from the heads)."""
         return []
 
     # -- family layout -----------------------------------------------------------------------

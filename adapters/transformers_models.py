@@ -19,6 +19,68 @@ from hubdefend.adapters.timm_models import _join, head_group, mlp_group
 from hubdefend.errors import NotAModelError, UnknownArchitectureError, WeightsMismatchError
 from hubdefend.neurons import NeuronGroup
 
+# Two generations of transformers' vision blocks. transformers 5 (ViT, DeiT, DINOv2, BEiT, Swin, CLIP,
+# SigLIP...): `XAttention` holds q_proj/k_proj/v_proj and o_proj (or out_proj), `XMLP` holds fc1/fc2.
+# BERT-style (Data2Vec-vision, MobileViT, Swin v2, PVT, CvT, Perceiver): `XAttention` holds the heads
+# in `attention` or `self` and projects them with `output.dense`; the layer holds `intermediate` and
+# `output.dense`.
+_MLP_PAIRS = (("fc1", "fc2"), ("dense1", "dense2"), ("up_proj", "down_proj"))
+_QUERIES = ("q_proj", "query", "qkv")
+_OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "proj")
+
+
+def _linear(module: nn.Module, path: str) -> nn.Linear | None:
+    try:
+        child = module.get_submodule(path)
+    except AttributeError:
+        return None
+    return child if isinstance(child, nn.Linear) else None
+
+
+def _num_heads(module: nn.Module | None) -> int | None:
+    for attr in ("num_attention_heads", "num_heads"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _mlp_output(module: nn.Module) -> str | None:
+    """The path (under ``module``) of the projection whose inputs are ``module``'s MLP hidden units."""
+    for up, down in _MLP_PAIRS:
+        up_layer, down_layer = _linear(module, up), _linear(module, down)
+        if (
+            up_layer is not None
+            and down_layer is not None
+            and up_layer.out_features == down_layer.in_features
+        ):
+            return down
+    if hasattr(module, "intermediate") and _linear(module, "output.dense") is not None:
+        return "output.dense"
+    return None
+
+
+def _heads_output(module: nn.Module) -> tuple[str, int] | None:
+    """(path of the projection whose input is the concatenated heads, number of heads), if
+    ``module`` is an attention layer. torch's nn.MultiheadAttention (SigLIP's pooling head) is not
+    one: it applies out_proj's weight functionally, so no hook on out_proj ever runs."""
+    if isinstance(module, nn.MultiheadAttention):
+        return None
+    num_heads = _num_heads(module)
+    if num_heads is not None and any(_linear(module, query) is not None for query in _QUERIES):
+        for projection in _OUTPUT_PROJECTIONS:
+            layer = _linear(module, projection)
+            if layer is not None and layer.in_features % num_heads == 0:
+                return projection, num_heads
+    if hasattr(module, "intermediate"):  # a BERT-style layer, not its attention
+        return None
+    for child in ("attention", "self"):
+        num_heads = _num_heads(getattr(module, child, None))
+        layer = _linear(module, "output.dense")
+        if num_heads is not None and layer is not None and layer.in_features % num_heads == 0:
+            return "output.dense", num_heads
+    return None
+
 
 @register_adapter
 class TransformersAdapter(Adapter):
@@ -36,21 +98,17 @@ class TransformersAdapter(Adapter):
         return type(model).__name__
 
     def transformer_units(self, model: nn.Module) -> list[NeuronGroup]:
-        # BERT-style blocks (ViT, DeiT, BEiT, Swin, ...): `intermediate` -> `output.dense`, and
-        # `attention.attention` (heads) -> `attention.output.dense`.
         groups = []
         for name, module in model.named_modules():
-            dense = getattr(getattr(module, "output", None), "dense", None)
-            if hasattr(module, "intermediate") and isinstance(dense, nn.Linear):
-                groups.append(mlp_group(_join(name, "output.dense"), dense))
-            self_attention = getattr(module, "attention", None)
-            num_heads = getattr(self_attention, "num_attention_heads", None)
-            if (
-                isinstance(num_heads, int)
-                and isinstance(dense, nn.Linear)
-                and not hasattr(module, "intermediate")
-            ):
-                groups.append(head_group(_join(name, "output.dense"), dense, num_heads))
+            mlp = _mlp_output(module)
+            if mlp is not None:
+                groups.append(mlp_group(_join(name, mlp), module.get_submodule(mlp)))
+            heads = _heads_output(module)
+            if heads is not None:
+                projection, num_heads = heads
+                groups.append(
+                    head_group(_join(name, projection), module.get_submodule(projection), num_heads)
+                )
         return groups
 
     # -- layout ---------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 For a norm neuron, pruning sets its effective scale to 0 (``gamma = -gamma_offset``), keeping the
 shift unless ``zero_beta`` is asked for; this is what the reference defenses do, and it equals the
-hooked model with that mask at 0. For ``mlp`` and ``head`` units it zeroes the matching input
+hooked model with that mask at 0. For ``mlp``, ``head`` and ``attn`` units it zeroes the matching input
 columns of the output projection, so the model still loads in stock timm / transformers.
 """
 
@@ -60,15 +60,23 @@ class PruningPlan:
 
 
 def _check_plan(plan: PruningPlan, groups: Sequence[NeuronGroup]) -> dict[str, NeuronGroup]:
-    by_name = {g.name: g for g in groups}
+    by_name: dict[str, list[NeuronGroup]] = {}
+    for group in groups:
+        by_name.setdefault(group.name, []).append(group)
     for name, indices in plan.pruned.items():
-        group = by_name.get(name)
-        if group is None:
+        if name not in by_name:
             known = ", ".join(list(by_name)[:5])
             raise PlanError(
                 f"The plan names layer {name!r}, which is not a neuron group of this model "
                 f"(e.g. {known}, ...). Build the plan from discover(model) of the same model."
             )
+        if len(by_name[name]) > 1:
+            kinds = " and ".join(g.kind for g in by_name[name])
+            raise PlanError(
+                f"{name!r} holds {kinds} neurons, and the plan does not say which it prunes: pass "
+                "groups=discover(model, kinds=...) with the kinds the plan was made for."
+            )
+        group = by_name[name][0]
         bad = [i for i in indices if not 0 <= i < group.num_neurons]
         if bad:
             raise PlanError(
@@ -80,7 +88,7 @@ def _check_plan(plan: PruningPlan, groups: Sequence[NeuronGroup]) -> dict[str, N
                 f"{name!r} ({group.layer_type}) has no affine weight, so pruning it cannot be written into "
                 "the model's weights. Leave this layer out of the plan."
             )
-    return by_name
+    return {name: candidates[0] for name, candidates in by_name.items()}
 
 
 @torch.no_grad()
@@ -98,7 +106,7 @@ def bake(
         model: a model without hubdefend hooks (detach masks first).
         plan: a `PruningPlan` or ``{group name: [neuron indices]}``.
         groups: the model's neuron groups, as the plan was made from; discovered (all kinds) when
-            not given.
+            not given. Needed for a plan over ``head`` or ``attn`` neurons, which share their layer.
         zero_beta: override the plan's ``zero_beta``.
         inplace: write into ``model`` itself instead of a deep copy.
 
@@ -116,7 +124,7 @@ def bake(
     if groups is None:
         from hubdefend.adapters import discover  # late import: adapters build on this module
 
-        groups = discover(model, kinds=NEURON_KINDS)
+        groups = [group for kind in NEURON_KINDS for group in discover(model, kinds=(kind,))]
     by_name = _check_plan(plan, groups)  # all checks before the first write: all or nothing
     target = model if inplace else copy.deepcopy(model)
     for name, indices in plan.pruned.items():

@@ -19,7 +19,12 @@ from hubdefend.planning import DEFAULT_BA_BUDGET
 from hubdefend.report import Report
 
 TEMPLATE = "model_card.md"
-_KIND_TEXT = {"norm": "normalization channels", "mlp": "MLP hidden units", "head": "attention heads"}
+_KIND_TEXT = {
+    "norm": "normalization channels",
+    "mlp": "MLP hidden units",
+    "head": "attention heads",
+    "attn": "attention channels",
+}
 
 
 def _pct(value: float | None) -> str:

@@ -210,8 +210,8 @@ def sanitize(
         str | None,
         typer.Option(
             "--kinds",
-            help="Neuron kinds to prune, comma-separated: norm, mlp, head (default: norm for CNNs, mlp,head for "
-            "transformers).",
+            help="Neuron kinds to prune, comma-separated: norm, mlp, head, attn (attention channels, head_dim "
+            "per head; not with head). Default: norm for CNNs, mlp,head for transformers.",
         ),
     ] = None,
     ba_budget: Annotated[

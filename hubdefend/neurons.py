@@ -1,11 +1,12 @@
 """Neurons: what a prunable unit is, and how to find the normalization layers that hold them.
 
 A *neuron* is one channel of a normalization layer (``kind="norm"``), one hidden unit of a
-transformer MLP (``kind="mlp"``) or one attention head (``kind="head"``). A `NeuronGroup` names
+transformer MLP (``kind="mlp"``), one attention head (``kind="head"``) or one channel of the
+attention output before its projection (``kind="attn"``: a head is ``head_dim`` of them). A `NeuronGroup` names
 the layer that holds a set of them and says where the value to mask can be reached: for a plain norm
 its output; for a fused norm+activation (timm's ``BatchNormAct2d``, transformers'
 ``BitGroupNormActivation``) the input of its activation, so that masking happens before the
-non-linearity; for ``mlp`` and ``head`` units the input of the block's output projection.
+non-linearity; for ``mlp``, ``head`` and ``attn`` units the input of the block's output projection.
 
 This module is mechanism only: it never imports defenses, adapters or model families.
 """
@@ -14,12 +15,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
 
-NEURON_KINDS = ("norm", "mlp", "head")
+NEURON_KINDS = ("norm", "mlp", "head", "attn")
+# Two views of the same projection input: one model's neurons use at most one of them.
+EXCLUSIVE_KINDS = ("head", "attn")
 
 
 @dataclass(frozen=True)
@@ -28,8 +31,8 @@ class NeuronGroup:
 
     Attributes:
         name: module path of the layer that owns the neurons (the norm layer, or the output
-            projection for ``mlp``/``head`` units), as in ``model.get_submodule(name)``.
-        kind: ``"norm"``, ``"mlp"`` or ``"head"``.
+            projection for ``mlp``/``head``/``attn`` units), as in ``model.get_submodule(name)``.
+        kind: ``"norm"``, ``"mlp"``, ``"head"`` or ``"attn"``.
         layer_type: class name of the module at ``name`` (``"BatchNormAct2d"``, ``"Linear"``...).
         num_neurons: number of neurons (channels, hidden units or heads).
         channel_dim: dimension of the hooked tensor that indexes neurons: ``1`` (channels-first,
@@ -39,7 +42,7 @@ class NeuronGroup:
             ``hook_point``, e.g. a fused layer's activation) or ``"recompute"`` (the layer's
             activation is inline; the hook recomputes the pre-activation value from the input).
         gamma: attribute of ``name`` holding the scale (parameter or buffer); ``None`` when the
-            layer has no affine weight. For ``mlp``/``head`` units: the projection's ``weight``.
+            layer has no affine weight. For ``mlp``/``head``/``attn`` units: the projection's ``weight``.
         beta: attribute holding the shift, or ``None``.
         gamma_offset: the layer computes ``x * (gamma_offset + gamma)``: 1 for Gemma-style RMS
             norms, 0 otherwise.
@@ -172,6 +175,16 @@ def norm_group(name: str, module: nn.Module) -> NeuronGroup | None:
         beta=beta,
         gamma_offset=1.0 if _GEMMA_RMS.search(cls_name) else 0.0,
     )
+
+
+def attention_channels(heads: NeuronGroup) -> NeuronGroup:
+    """The ``attn`` view of a ``head`` group: each of its ``head_dim`` features per head is a neuron.
+
+    Why a finer unit than the head: on the ViT benchmark model one head carries a BadNets backdoor,
+    but masking that head costs 3.4 BA points, where an oracle masking 80 of the 1152 channels
+    (spread over all blocks) leaves ASR at 6.5% for 0.8 points (`benchmarks/oracle_pruning.py`).
+    """
+    return replace(heads, kind="attn", num_neurons=heads.num_neurons * heads.neuron_width, neuron_width=1)
 
 
 def iter_norm_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

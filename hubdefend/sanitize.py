@@ -20,12 +20,11 @@ from accelerate import Accelerator
 from torch import nn
 
 import hubdefend
-from hubdefend.adapters import LoadedModel, adapter_for
+from hubdefend.adapters import LoadedModel, adapter_for, available_kinds
 from hubdefend.bake import PruningPlan, bake
 from hubdefend.defenses import DefenseOutput, NeuronScores, data_free_defenses, few_shot_defenses, get_defense
 from hubdefend.errors import DataError, DefenseError
 from hubdefend.masks import NeuronMasks
-from hubdefend.neurons import NEURON_KINDS
 from hubdefend.planning import (
     DEFAULT_BA_BUDGET,
     OperatingPoint,
@@ -131,9 +130,8 @@ def default_kinds(model: nn.Module) -> tuple[str, ...]:
     Heads as well as MLP units: on the ViT benchmark model a BadNets backdoor lives in ONE attention
     head (masking it: ASR 100% -> 1.8%), where even an oracle ranking needs 512 MLP units for ASR 32%
     (`benchmarks/oracle_pruning.py`); RNP's masks over both kinds rank that head lowest."""
-    groups = hubdefend.discover(model, kinds=("mlp", "head")) if _has_attention(model) else []
-    found = tuple(kind for kind in ("mlp", "head") if any(g.kind == kind for g in groups))
-    return found or ("norm",)
+    found = available_kinds(model) if _has_attention(model) else ()
+    return tuple(kind for kind in ("mlp", "head") if kind in found) or ("norm",)
 
 
 def _has_attention(model: nn.Module) -> bool:
@@ -257,7 +255,7 @@ def sanitize(
     kinds = tuple(kinds or default_kinds(source_model))
     groups = [g for g in hubdefend.discover(source_model, kinds=kinds) if g.kind in kinds]
     if not groups:
-        found = sorted({g.kind for g in hubdefend.discover(source_model, kinds=NEURON_KINDS)})
+        found = available_kinds(source_model)
         raise DefenseError(
             f"This model has no {' or '.join(kinds)} neurons; it has {', '.join(found) or 'none the adapters know'}: "
             "pass kinds= with those."

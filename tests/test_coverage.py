@@ -3,6 +3,8 @@ transformers image-classification model type, and torchvision classifiers.
 
 For each model: `discover` finds exactly the layers that the structural oracle in `zoo` finds;
 attaching masks at 1 changes no output bit; zeroing one neuron through the hooks equals baking it.
+For transformers: every vision-transformer type has its MLP units and heads found, and zeroing
+an MLP unit, a head or an attention channel through the hooks equals baking it.
 """
 
 from __future__ import annotations
@@ -61,6 +63,37 @@ def check_model(key: str, model: torch.nn.Module, x: torch.Tensor) -> None:
     RESULTS[key] = {"classes": Counter(g.layer_type for g in groups), "layers": len(groups)}
 
 
+# Types whose blocks hold attention and an MLP (not FocalNet's modulation, MobileViT v2's linear
+# attention, LeViT's or SwiftFormer's own blocks, ImageGPT's Conv1D layers).
+TRANSFORMER_TYPES = {
+    "beit", "clip", "cvt", "data2vec-vision", "deit", "dinov2", "dinov2_with_registers", "donut-swin", "hiera",
+    "ijepa", "metaclip_2", "mobilevit", "perceiver", "pvt", "pvt_v2", "segformer", "shieldgemma2", "siglip",
+    "siglip2", "swin", "swinv2", "vit", "vit_msn",
+}  # fmt: skip
+
+
+def check_units(key: str, model: torch.nn.Module, x: torch.Tensor, kind: str) -> None:
+    """Zeroing one random unit of ``kind`` in the first block through the hooks equals baking it (the
+    first block: later ones may be unused by the classifier, e.g. SigLIP's pooling head)."""
+    groups = hubdefend.discover(model, kinds=(kind,))
+    assert groups, f"{key}: no {kind} units found"
+    rng = random.Random(f"{key}/{kind}")
+    group = groups[0]
+    neuron = rng.randrange(group.num_neurons)
+    with torch.no_grad():
+        masks = NeuronMasks(groups).attach(model)
+        try:
+            masks.mask[groups.index(group)][neuron] = 0.0
+            hooked = zoo.logits(model, x)
+        finally:
+            masks.detach()
+        baked = zoo.logits(hubdefend.bake(model, {group.name: [neuron]}, groups=groups), x)
+        plain = zoo.logits(model, x)
+    assert not torch.equal(hooked, plain), f"{key}: zeroing {group.name}[{neuron}] changed nothing"
+    scale = plain.abs().max().item() + 1e-6
+    assert torch.allclose(hooked, baked, rtol=1e-4, atol=1e-4 * scale), f"{key}: {group.name}[{neuron}]"
+
+
 @pytest.mark.parametrize("name", TIMM_NAMES)
 def test_timm_architecture(name: str) -> None:
     model, x = zoo.build_timm(name)
@@ -75,6 +108,13 @@ def test_transformers_model_type(model_type: str) -> None:
         )
     model, x = zoo.build_transformers(model_type)
     check_model(f"transformers/{model_type}", model, x)
+    if model_type in TRANSFORMER_TYPES:
+        for kind in ("mlp", "head", "attn"):
+            check_units(f"transformers/{model_type}", model, x, kind)
+    else:
+        assert not hubdefend.discover(model, kinds=("head",)), (
+            f"{model_type}: heads in a model without attention"
+        )
 
 
 @pytest.mark.parametrize("name", zoo.TORCHVISION_MODELS)

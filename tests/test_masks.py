@@ -10,7 +10,7 @@ from timm.layers import BatchNormAct2d, LayerNorm2d
 from torch import nn
 
 import hubdefend
-from hubdefend.errors import MaskError
+from hubdefend.errors import MaskError, PlanError
 from hubdefend.masks import NeuronMasks, masked
 
 
@@ -142,6 +142,60 @@ def test_head_and_mlp_masks_equal_zeroed_columns() -> None:
     torch.testing.assert_close(baked(x), hooked, rtol=1e-5, atol=1e-5)
     proj = baked.get_submodule(head.name).weight
     assert proj[:, head.neuron_width : 2 * head.neuron_width].abs().sum() == 0
+
+
+def _timm_vit() -> tuple[nn.Module, torch.Tensor]:
+    model = timm.create_model("test_vit", pretrained=False, num_classes=3).eval()
+    return model, torch.randn(2, 3, *model.pretrained_cfg["input_size"][1:])
+
+
+def _transformers_vit() -> tuple[nn.Module, torch.Tensor]:
+    from tests import zoo
+
+    return zoo.build_transformers("vit")
+
+
+@pytest.mark.parametrize("build", [_timm_vit, _transformers_vit], ids=["timm", "transformers"])
+def test_attention_channels_are_the_heads_features(build) -> None:
+    model, x = build()
+    heads = hubdefend.discover(model, kinds=("head",))
+    channels = hubdefend.discover(model, kinds=("attn",))
+    assert heads and [g.name for g in channels] == [g.name for g in heads]
+    head, attn = heads[0], channels[0]
+    assert (attn.kind, attn.neuron_width, attn.num_neurons) == (
+        "attn",
+        1,
+        head.num_neurons * head.neuron_width,
+    )
+    with torch.no_grad():
+        with masked(model, heads) as masks:
+            masks.mask[0][1] = 0
+            without_head = model(x)
+        with masked(model, channels) as masks:
+            masks.mask[0][head.neuron_width : 2 * head.neuron_width] = 0
+            without_channels = model(x)
+            masks.mask[0].fill_(1.0)
+            masks.mask[0][[0, 3]] = 0
+            hooked = model(x)
+    without_head, without_channels, hooked = (
+        getattr(t, "logits", t) for t in (without_head, without_channels, hooked)
+    )
+    torch.testing.assert_close(without_channels, without_head)  # a head is its head_dim channels
+    baked = hubdefend.bake(model, {attn.name: [0, 3]}, groups=channels)
+    torch.testing.assert_close(getattr(baked(x), "logits", baked(x)), hooked, rtol=1e-5, atol=1e-5)
+    assert baked.get_submodule(attn.name).weight[:, [0, 3]].abs().sum() == 0
+
+
+def test_head_and_attn_are_one_choice() -> None:
+    model, _ = _timm_vit()
+    with pytest.raises(hubdefend.HubDefendError, match="'head' and 'attn'.*choose one"):
+        hubdefend.discover(model, kinds=("head", "attn"))
+    name = hubdefend.discover(model, kinds=("attn",))[0].name
+    # Index 1 is a head or a channel: bake refuses to guess, and changes nothing.
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PlanError, match="holds head and attn neurons"):
+        hubdefend.bake(model, {name: [1]}, inplace=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 class GemmaStyleRMSNorm(nn.Module):
