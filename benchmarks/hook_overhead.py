@@ -74,7 +74,7 @@ def main() -> None:
     print("| model | neurons masked | plain fwd+bwd (ms) | hooked fwd+bwd (ms) | overhead |")
     print("|---|---|---|---|---|")
     for name in args.models.split(","):
-        vit_kinds = (("norm",), ("mlp",), ("head",), ("mlp", "head"))  # the last: the ViT default
+        vit_kinds = (("norm",), ("mlp",), ("head",), ("attn",), ("mlp", "attn"))  # the last: the ViT default
         for kinds in vit_kinds if name.startswith("vit") else (("norm",),):
             plain, hooked, neurons = measure(name, args.batch_size, args.repeats, kinds)
             print(

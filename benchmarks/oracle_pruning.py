@@ -7,7 +7,7 @@ It then masks the top k and measures BA and ASR on other test images. What this 
 cannot reach with a neuron kind, a defense that ranks that kind from clean data is unlikely to
 reach: it bounds what to expect and tells which neuron kind to try.
 
-    python benchmarks/oracle_pruning.py                                   # the ViT: mlp, norm, head
+    python benchmarks/oracle_pruning.py                                   # the ViT: mlp, norm, head, attn
     python benchmarks/oracle_pruning.py --models resnet18-badnets --kinds norm
 """
 
@@ -24,7 +24,7 @@ from hubdefend.masks import NeuronMasks
 from hubdefend.preprocess import Preprocessing
 from hubdefend.triggers import parse_trigger
 
-COUNTS = (0, 1, 4, 16, 64, 128, 256, 512, 1024)
+COUNTS = (0, 1, 4, 16, 32, 64, 80, 96, 128, 256, 512, 1024)
 
 
 def hooked_means(model, groups, normalize, pixels) -> dict[str, torch.Tensor]:
@@ -67,7 +67,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", nargs="*", default=["vit6-badnets"], choices=list(RECIPES))
-    parser.add_argument("--kinds", nargs="*", default=["mlp", "norm", "head"])
+    parser.add_argument("--kinds", nargs="*", default=["mlp", "norm", "head", "attn"])
     parser.add_argument("--counts", nargs="*", type=int, default=list(COUNTS))
     parser.add_argument("--images", type=int, default=1000, help="test images: half rank, half measure")
     args = parser.parse_args()

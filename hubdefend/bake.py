@@ -135,7 +135,7 @@ def bake(
             getattr(layer, group.gamma)[index] = -group.gamma_offset
             if plan.zero_beta and group.beta is not None:
                 getattr(layer, group.beta)[index] = 0.0
-        else:  # mlp units and heads: zero the projection's input columns
+        else:  # mlp units, heads and attention channels: zero the projection's input columns
             columns = (index[:, None] * group.neuron_width + torch.arange(group.neuron_width)).flatten()
             getattr(layer, group.gamma)[:, columns] = 0.0
     return target

@@ -211,7 +211,7 @@ def sanitize(
         typer.Option(
             "--kinds",
             help="Neuron kinds to prune, comma-separated: norm, mlp, head, attn (attention channels, head_dim "
-            "per head; not with head). Default: norm for CNNs, mlp,head for transformers.",
+            "per head; not with head). Default: norm for CNNs, mlp,attn for transformers.",
         ),
     ] = None,
     ba_budget: Annotated[

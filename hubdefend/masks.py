@@ -72,7 +72,7 @@ class NeuronMasks(nn.Module):
 
     def perturbations(self) -> Iterator[nn.Parameter]:
         """The perturbation parameters (``delta`` then ``xi``), for the adversarial step. ``xi`` of a
-        group without a shift (MLP units, heads) is left out: it has no effect, hence no gradient."""
+        group without a shift (MLP units, heads, attention channels) is left out: it has no effect, hence no gradient."""
         if not self.has_perturbation:
             return iter(())
         shifts = [xi for g, xi in zip(self.groups, self.xi, strict=True) if g.beta is not None]

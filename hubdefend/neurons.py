@@ -34,7 +34,7 @@ class NeuronGroup:
             projection for ``mlp``/``head``/``attn`` units), as in ``model.get_submodule(name)``.
         kind: ``"norm"``, ``"mlp"``, ``"head"`` or ``"attn"``.
         layer_type: class name of the module at ``name`` (``"BatchNormAct2d"``, ``"Linear"``...).
-        num_neurons: number of neurons (channels, hidden units or heads).
+        num_neurons: number of neurons (channels, hidden units, heads or attention channels).
         channel_dim: dimension of the hooked tensor that indexes neurons: ``1`` (channels-first,
             NCHW) or ``-1`` (channels-last, tokens).
         hook_point: module path where the value before any fused activation is reached.

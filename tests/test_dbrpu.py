@@ -165,7 +165,7 @@ def test_vit_units_fall_back() -> None:
     with pytest.warns(UserWarning, match="no BatchNorm running statistics"):
         result = sanitize(vit, None, defense="dbrpu", progress=False, **options)
     report = result.report
-    assert report.neuron_kinds == ["mlp", "head"] and report.neurons_pruned == 0  # no running stats, no KL
+    assert report.neuron_kinds == ["mlp", "attn"] and report.neurons_pruned == 0  # no running stats, no KL
     assert report.notes["synthesis"]["prior"] == "none"
 
 

@@ -204,9 +204,10 @@ def test_two_processes_end_with_identical_masks(tiny_backdoor, tmp_path: Path) -
 
 
 @pytest.mark.parametrize("defense", MASK_DEFENSES)
-def test_defenses_run_on_vit_mlp_units_and_heads(tiny_backdoor, defense: str) -> None:
-    # MLP units and heads have no shift (beta), so their xi perturbation takes no gradient: the noise
-    # step must skip it rather than fail (it did, on the first real ViT). Both kinds are the default.
+def test_defenses_run_on_vit_mlp_units_and_attention_channels(tiny_backdoor, defense: str) -> None:
+    # MLP units and attention channels have no shift (beta), so their xi perturbation takes no
+    # gradient: the noise step must skip it rather than fail (it did, on the first real ViT). Both
+    # kinds are the default.
     import timm
 
     torch.manual_seed(0)
@@ -218,4 +219,16 @@ def test_defenses_run_on_vit_mlp_units_and_heads(tiny_backdoor, defense: str) ->
         defense, {"rounds": 1, "batches_per_round": 1, "inversion_epochs": 1}
     )
     result = sanitize(vit, data, defense=defense, prune=3, progress=False, **options)
-    assert result.report.neuron_kinds == ["mlp", "head"] and result.report.neurons_pruned == 3
+    assert result.report.neuron_kinds == ["mlp", "attn"] and result.report.neurons_pruned == 3
+
+
+def test_transformers_vit_gets_its_units(tiny_backdoor) -> None:
+    # transformers 5 renamed its ViT blocks (o_proj, fc1/fc2); the adapter once found no units there
+    # and sanitize silently fell back to LayerNorm channels.
+    from tests import zoo
+
+    vit, _ = zoo.build_transformers("vit")
+    data = torch.utils.data.Subset(tiny_backdoor.defender, range(64))
+    result = sanitize(vit, data, defense="rnp", prune=3, progress=False, recovering_epochs=1)
+    assert result.report.neuron_kinds == ["mlp", "attn"] and result.report.neurons_pruned == 3
+    assert all(".attention.o_proj" in name or ".mlp.fc2" in name for name in result.report.pruned)

@@ -368,7 +368,7 @@ def _fold_masks(model: nn.Module, groups, mask_values: dict[str, torch.Tensor]) 
         mask = mask.to(device=gamma.device, dtype=gamma.dtype)
         if group.kind == "norm":
             gamma.copy_((gamma + group.gamma_offset) * mask - group.gamma_offset)
-        else:  # mlp units and heads: the projection's input columns
+        else:  # mlp units, heads and attention channels: the projection's input columns
             gamma.mul_(mask.repeat_interleave(group.neuron_width)[None, :])
 
 

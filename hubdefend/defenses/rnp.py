@@ -68,7 +68,7 @@ class RNP(Defense):
         "and recovery never restores the model.",
         "Gradient clipping (max norm 20) is applied after backward(); the reference calls it before "
         "backward(), where it clips nothing.",
-        "Masks are learnt for every neuron group given (norm channels, or a transformer's MLP units), "
+        "Masks are learnt for every neuron group given (norm channels; a transformer's MLP units and attention channels), "
         "not only BatchNorm2d.",
         "Recovery runs the unlearned model in eval mode (recover_mode='eval'; the reference: train). "
         "With batch statistics BatchNorm re-centres every channel on each batch, which hides the "
