@@ -18,6 +18,14 @@ as timm's BatchNormAct2d and LayerNorm2d) get the same formula more cheaply: a p
 parameters back, as ``torch.func.functional_call`` does. The layer's own kernel then applies the
 mask, with no extra pass over the activations (an output hook cost ResNet-18 about 19% of a
 forward+backward on CPU; see benchmarks/hook_overhead.py).
+
+MLP units, heads and attention channels on a plain ``nn.Linear`` projection get the same idea: while
+attached, the projection's ``forward`` is one autograd function computing ``x @ (W * s).T + b``.
+Scaling the weight's columns costs ``out x in`` multiplies instead of a pass over the 4x-wide hidden
+activation, and its backward takes the mask's gradient from the input gradient it computes anyway
+(``sum_n x_n * (dy_n @ W)``), not from the frozen weight's gradient, a matmul as large as the forward.
+The module's hooks still run; detaching deletes the replacement (Accelerate's ``add_hook_to_module``
+swaps ``forward`` the same way). It halved the ViT's MLP-unit overhead (benchmarks/hook_overhead.py).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hubdefend.errors import MaskError
@@ -111,7 +120,9 @@ class NeuronMasks(nn.Module):
             mask.clamp_(0.0, 1.0)
 
     # -- hooks ----------------------------------------------------------------------------------
-    swap_affine = True  # plain norms: swap the masked gamma/beta in for the forward (the fast path)
+    # The fast paths (module docstring): plain norms swap the masked gamma/beta in for the forward,
+    # plain Linear projections compute the masked product in one function. False: hooks only.
+    swap_affine = True
 
     def _hook(self, index: int, group: NeuronGroup, model: nn.Module) -> _MaskHook:
         return _MaskHook(self, index, group, model)
@@ -257,8 +268,8 @@ _PLAIN_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 def _swappable(layer: nn.Module, group: NeuronGroup) -> bool:
     """Whether ``layer`` computes its affine from its own ``weight``/``bias`` parameters, once.
 
-    Not used for a Linear projection's input units: scaling its weight's columns would make autograd
-    compute the frozen weight's gradient, a matmul as large as the forward (ViT MLP: +30%)."""
+    Not for a Linear projection's input units: swapping in ``W * s`` would make autograd compute the
+    frozen weight's gradient, a matmul as large as the forward (ViT MLP: +30%); `_FusedLinear` avoids it."""
     return (
         isinstance(layer, _PLAIN_NORMS)
         and group.kind == "norm"
@@ -269,6 +280,64 @@ def _swappable(layer: nn.Module, group: NeuronGroup) -> bool:
         and group.neuron_width == 1
         and isinstance(layer._parameters.get("weight"), nn.Parameter)
         and (group.beta is None) == (layer._parameters.get("bias") is None)
+    )
+
+
+class _ColumnMaskedLinear(torch.autograd.Function):
+    """``F.linear(x * s, W, b)`` computed as ``F.linear(x, W * s, b)``, with a backward that never
+    forms the weight's gradient unless the weight itself needs one (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, weight, bias):
+        ctx.save_for_backward(x, scale, weight)
+        return F.linear(x, weight * scale.to(weight.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, scale, weight = ctx.saved_tensors
+        grad_masked_x = grad_y @ weight.to(grad_y.dtype)  # d loss / d (x * s)
+        grad_x = grad_scale = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_masked_x * scale.to(grad_y.dtype)).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_scale = (grad_masked_x * x).reshape(-1, x.shape[-1]).sum(0, dtype=torch.float32)
+            grad_scale = grad_scale.to(scale.dtype)
+        if ctx.needs_input_grad[2]:
+            flat_x = (x * scale.to(x.dtype)).reshape(-1, x.shape[-1])
+            grad_weight = (grad_y.reshape(-1, grad_y.shape[-1]).T @ flat_x.to(grad_y.dtype)).to(weight.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(weight.dtype)
+        return grad_x, grad_scale, grad_weight, grad_bias
+
+
+class _FusedLinear(_MaskHook):
+    """Takes the place of a plain ``nn.Linear``'s ``forward`` while attached (module docstring)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        if self.masks.bypassed:
+            return F.linear(x, layer.weight, layer.bias)
+        scale, _ = self.masks.scale_and_shift(self.index)
+        if self.group.neuron_width > 1:
+            scale = scale.repeat_interleave(self.group.neuron_width)
+        _broadcast_shape(x, -1, scale.numel(), self.group)  # the same clear error as the hook's
+        return _ColumnMaskedLinear.apply(x, scale, layer.weight, layer.bias)
+
+    def remove(self) -> None:
+        if self.layer.__dict__.get("forward") is self:
+            del self.layer.forward
+
+
+def _fusable(layer: nn.Module, group: NeuronGroup) -> bool:
+    """A projection's input units on torch's own Linear whose forward nobody else replaced (an
+    Accelerate offload hook, a LoRA or quantised layer keep the plain hook)."""
+    return (
+        type(layer) is nn.Linear
+        and group.kind != "norm"
+        and group.hook_on == "input"
+        and group.hook_point == group.name
+        and group.channel_dim == -1
+        and "forward" not in layer.__dict__
     )
 
 
@@ -287,6 +356,10 @@ def _register(
     model: nn.Module, group: NeuronGroup, hook: _MaskHook, *, swap_affine: bool
 ) -> torch.utils.hooks.RemovableHandle | _Handles:
     layer = hook.layer
+    if swap_affine and _fusable(layer, group):
+        fused = _FusedLinear(hook.masks, hook.index, group, model)
+        layer.forward = fused
+        return fused
     if swap_affine and _swappable(layer, group):
         swap = _AffineSwap(hook.masks, hook.index, group, model)
         pre = layer.register_forward_pre_hook(swap)
@@ -300,6 +373,8 @@ def _register(
 def is_masked(model: nn.Module) -> bool:
     """Whether any hubdefend mask hook is registered on ``model``."""
     for module in model.modules():
+        if isinstance(module.__dict__.get("forward"), _MaskHook):
+            return True
         for hooks in (module._forward_hooks, module._forward_pre_hooks):
             if any(isinstance(h, _MaskHook) for h in hooks.values()):
                 return True

@@ -144,6 +144,84 @@ def test_head_and_mlp_masks_equal_zeroed_columns() -> None:
     assert proj[:, head.neuron_width : 2 * head.neuron_width].abs().sum() == 0
 
 
+class _HooksOnly(NeuronMasks):
+    swap_affine = False  # the plain hook on every group: the reference for the fast paths
+
+
+def _forward_backward(model: nn.Module, masks: NeuronMasks, x: torch.Tensor, dtype=None):
+    x = x.clone().requires_grad_(True)
+    with masks.attached_to(model), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        out = model(x)
+        out.float().square().sum().backward()
+    grads = [m.grad.clone() for m in masks.mask] + [m.grad.clone() for m in masks.delta]
+    for p in (*masks.mask, *masks.delta, *masks.xi):
+        p.grad = None
+    return out, x.grad, grads
+
+
+@pytest.mark.parametrize("kinds", [("mlp", "head"), ("mlp", "attn")])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_fused_linear_equals_the_hook(kinds, dtype) -> None:
+    """The projections' fast path gives the hook's output and the same gradients for the input,
+    the masks and ANP's perturbation, in float32 and under bf16 autocast."""
+    model = timm.create_model("test_vit", pretrained=False, num_classes=3).eval().requires_grad_(False)
+    x = torch.randn(2, 3, *model.pretrained_cfg["input_size"][1:])
+    groups = hubdefend.discover(model, kinds=kinds)
+    fast, reference = NeuronMasks(groups, perturbation=True), _HooksOnly(groups, perturbation=True)
+    for masks in (fast, reference):
+        _random_masks(masks, seed=5)
+        masks.perturbing = True
+    with fast.attached_to(model):
+        assert all(type(model.get_submodule(g.name).forward).__name__ == "_FusedLinear" for g in groups)
+    got, expected = _forward_backward(model, fast, x, dtype), _forward_backward(model, reference, x, dtype)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype else dict(rtol=1e-5, atol=1e-5)
+    for a, b in zip(got[:2], expected[:2], strict=True):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+    for a, b in zip(got[2], expected[2], strict=True):
+        torch.testing.assert_close(a, b, **({"rtol": 5e-2, "atol": 5e-2} if dtype else tol))
+    assert not any("forward" in model.get_submodule(g.name).__dict__ for g in groups)
+
+
+def test_fused_linear_trains_the_weights_too() -> None:
+    """With masks attached and the weights trainable, the weights get the masked input's gradient."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False, num_classes=3).eval()
+    x = torch.randn(2, 3, *model.pretrained_cfg["input_size"][1:])
+    groups = hubdefend.discover(model, kinds=("mlp",))
+    grads = []
+    for masks in (NeuronMasks(groups, perturbation=True), _HooksOnly(groups, perturbation=True)):
+        _random_masks(masks, seed=2)
+        model.zero_grad()
+        with masks.attached_to(model):
+            model(x).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fused_linear_leaves_a_replaced_forward_alone() -> None:
+    """A projection whose forward someone else replaced (Accelerate's offload hooks do) keeps the
+    plain hook, and detaching leaves that forward in place."""
+    model = timm.create_model("test_vit", pretrained=False, num_classes=3).eval()
+    x = torch.randn(2, 3, *model.pretrained_cfg["input_size"][1:])
+    groups = hubdefend.discover(model, kinds=("mlp",))
+    layer = model.get_submodule(groups[0].name)
+    calls = []
+    original = layer.forward
+    layer.forward = lambda inputs: calls.append(1) or original(inputs)
+    replaced = layer.forward
+    with torch.no_grad(), masked(model, groups) as masks:
+        masks.mask[0].zero_()
+        hooked = model(x)
+        assert layer.forward is replaced and calls
+        masks.bypassed = True
+        assert not torch.allclose(model(x), hooked)
+    assert layer.forward is replaced and not hubdefend.is_masked(model)
+    del layer.forward
+    baked = hubdefend.bake(model, {groups[0].name: list(range(groups[0].num_neurons))}, groups=groups)
+    torch.testing.assert_close(baked(x), hooked, rtol=1e-5, atol=1e-5)
+
+
 def _timm_vit() -> tuple[nn.Module, torch.Tensor]:
     model = timm.create_model("test_vit", pretrained=False, num_classes=3).eval()
     return model, torch.randn(2, 3, *model.pretrained_cfg["input_size"][1:])
