@@ -150,7 +150,10 @@ class _HooksOnly(NeuronMasks):
 
 def _forward_backward(model: nn.Module, masks: NeuronMasks, x: torch.Tensor, dtype=None):
     x = x.clone().requires_grad_(True)
-    with masks.attached_to(model), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+    with (
+        masks.attached_to(model),
+        torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None),
+    ):
         out = model(x)
         out.float().square().sum().backward()
     grads = [m.grad.clone() for m in masks.mask] + [m.grad.clone() for m in masks.delta]
