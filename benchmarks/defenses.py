@@ -18,14 +18,15 @@ from pathlib import Path
 import torch
 from models import MODELS_DIR, RECIPES, get_model
 
-from hubdefend.data import load_data
+from hubdefend.data import defender_split, load_data
 from hubdefend.defenses import get_defense, list_defenses
 from hubdefend.neurons import NEURON_KINDS
 from hubdefend.planning import DEFAULT_BA_BUDGET
 from hubdefend.preprocess import Preprocessing
-from hubdefend.sanitize import sanitize
+from hubdefend.sanitize import MIN_DEFENDER_IMAGES, sanitize
 
-DEFENDER_IMAGES = {"anp": 500, "rnp": 500, "cnp": 1000}  # DEFENSES.md: 1% (ANP, RNP), 2% unlabelled (CNP)
+# DEFENSES.md: 1% (ANP, RNP), 2% unlabelled (CNP); ShapPruning's few-shot mode, one image per class.
+DEFENDER_IMAGES = {"anp": 500, "rnp": 500, "cnp": 1000, "shap": 10}
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -62,13 +63,17 @@ def run(model_name: str, defense: str, args) -> dict:
     # Data-free defenses get no data at all (their own rule is the operating point), unless
     # --defender-images asks for some.
     data_free = not get_defense(defense).needs_data and args.defender_images is None
+    few_shot = get_defense(defense).few_shot and size < MIN_DEFENDER_IMAGES
+    if few_shot:  # a stratified handful, all the defense's: none can be held out, its own rule chooses
+        train, _ = defender_split(train, n=size, val_n=0, seed=args.seed)
     result = sanitize(
         backdoored.model,
         None if data_free else train,
         defense=defense,
         trigger=record["trigger"],
         eval_data=test,
-        defender_size=None if data_free else int(size / 0.8),  # 20% of it is the held-out validation split
+        # 20% of the defender's images is the held-out validation split
+        defender_size=None if data_free or few_shot else int(size / 0.8),
         eval_sweep=True,
         progress=not args.quiet,
         seed=args.seed,

@@ -1,8 +1,11 @@
 """What the mask hooks cost: a plain forward+backward against the same with `NeuronMasks` attached.
 
-Both runs freeze the weights and backpropagate to the input (and, when hooked, to the masks), so the
-only difference is the hooks. Runs are interleaved (plain, hooked, plain, ...) and the median is
-reported, because shared machines are noisy; quote the ratio, not the seconds.
+All runs freeze the weights and backpropagate to the input (and, when hooked, to the masks), so the
+only difference is the hooks. The masks run twice: as `NeuronMasks` attaches them (plain norms swap
+their masked affine in, plain Linear projections compute ``x @ (W * s).T`` in one function) and as
+plain forward hooks on every group (the fast paths off), so the gain of the fast paths is measured
+side by side. Runs are interleaved (plain, fast, hooks only, plain, ...); the overhead is the median
+of each round's ratio, because shared machines are noisy: quote the ratio, not the seconds.
 
     python benchmarks/hook_overhead.py
     python benchmarks/hook_overhead.py --models resnet18 --batch-size 64 --repeats 30
@@ -46,20 +49,32 @@ def step_seconds(model, x, y, masks: NeuronMasks | None) -> float:
     return time.perf_counter() - started
 
 
-def measure(name: str, batch_size: int, repeats: int, kinds: tuple[str, ...]) -> tuple[float, float, int]:
+class HooksOnly(NeuronMasks):
+    swap_affine = False  # every group through the plain forward hook
+
+
+def measure(name: str, batch_size: int, repeats: int, kinds: tuple[str, ...]) -> dict:
+    """Median step times, and the median over repeats of each repeat's masked / plain ratio: the
+    three steps of one repeat run back to back, so a slow spell of the machine cancels out."""
     torch.manual_seed(0)
     model = timm.create_model(**MODELS[name]).train().requires_grad_(False)
     groups = [g for g in hubdefend.discover(model, kinds=kinds) if g.kind in kinds]
-    masks = NeuronMasks(groups)
+    fast, hooks_only = NeuronMasks(groups), HooksOnly(groups)
     x, y = torch.rand(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,))
-    plain, hooked = [], []
+    times: dict[str, list[float]] = {"plain": [], "fast": [], "hooks": []}
     for _ in range(2):  # warm-up
         step_seconds(model, x, y, None)
     for _ in range(repeats):
-        plain.append(step_seconds(model, x, y, None))
-        with masks.attached_to(model):
-            hooked.append(step_seconds(model, x, y, masks))
-    return statistics.median(plain), statistics.median(hooked), sum(g.num_neurons for g in groups)
+        times["plain"].append(step_seconds(model, x, y, None))
+        for key, masks in (("fast", fast), ("hooks", hooks_only)):
+            with masks.attached_to(model):
+                times[key].append(step_seconds(model, x, y, masks))
+    result = {key: statistics.median(values) for key, values in times.items()}
+    for key in ("fast", "hooks"):
+        ratios = [t / p for t, p in zip(times[key], times["plain"], strict=True)]
+        result[f"{key}_overhead"] = statistics.median(ratios) - 1
+    result["neurons"] = sum(g.num_neurons for g in groups)
+    return result
 
 
 def main() -> None:
@@ -67,19 +82,25 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", default="resnet18,vit-6x192")
+    parser.add_argument("--kinds", default=None, help="only these, e.g. mlp+attn,norm (default: all rows)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size} at 32x32")
-    print("| model | neurons masked | plain fwd+bwd (ms) | hooked fwd+bwd (ms) | overhead |")
-    print("|---|---|---|---|---|")
+    print(
+        "| model | neurons masked | plain fwd+bwd (ms) | masked (ms) | overhead | hooks only (ms) | overhead |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         vit_kinds = (("norm",), ("mlp",), ("head",), ("attn",), ("mlp", "attn"))  # the last: the ViT default
-        for kinds in vit_kinds if name.startswith("vit") else (("norm",),):
-            plain, hooked, neurons = measure(name, args.batch_size, args.repeats, kinds)
+        rows = vit_kinds if name.startswith("vit") else (("norm",),)
+        if args.kinds:
+            rows = [kinds for kinds in rows if "+".join(kinds) in args.kinds.split(",")]
+        for kinds in rows:
+            r = measure(name, args.batch_size, args.repeats, kinds)
             print(
-                f"| {name} ({'+'.join(kinds)}) | {neurons} | {plain * 1e3:.1f} | {hooked * 1e3:.1f} "
-                f"| {100 * (hooked / plain - 1):+.1f}% |"
+                f"| {name} ({'+'.join(kinds)}) | {r['neurons']} | {r['plain'] * 1e3:.1f} | {r['fast'] * 1e3:.1f} "
+                f"| {100 * r['fast_overhead']:+.1f}% | {r['hooks'] * 1e3:.1f} | {100 * r['hooks_overhead']:+.1f}% |"
             )
 
 
