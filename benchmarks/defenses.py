@@ -65,8 +65,9 @@ def run(model_name: str, defense: str, args) -> dict:
     options = dict(json.loads(args.options)) if args.options else {}
     # Data-free defenses get no data at all (their own rule is the operating point), unless
     # --defender-images asks for some.
-    data_free = not get_defense(defense).needs_data and args.defender_images is None
-    few_shot = get_defense(defense).few_shot and size < MIN_DEFENDER_IMAGES
+    defense_cls = get_defense(defense)
+    data_free = not defense_cls.needs_data and args.defender_images is None
+    few_shot = defense_cls.few_shot and size < MIN_DEFENDER_IMAGES
     if few_shot:  # a stratified handful, all the defense's: none can be held out, its own rule chooses
         train, _ = defender_split(train, n=size, val_n=0, seed=args.seed)
     result = sanitize(

@@ -181,12 +181,16 @@ class _MaskHook:
     def _beta(self) -> torch.Tensor | None:
         return None if self.group.beta is None else getattr(self.layer, self.group.beta)
 
-    def apply(self, y: torch.Tensor) -> torch.Tensor:
-        group = self.group
+    def scale_for(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
+        """The per-feature scale (a head's mask repeated over its features), the shift factor, and
+        the shape that broadcasts them over ``y``; a clear error when ``y`` does not fit the group."""
         scale, xi = self.masks.scale_and_shift(self.index)
-        if group.neuron_width > 1:
-            scale = scale.repeat_interleave(group.neuron_width)
-        shape = _broadcast_shape(y, group.channel_dim, scale.numel(), group)
+        if self.group.neuron_width > 1:
+            scale = scale.repeat_interleave(self.group.neuron_width)
+        return scale, xi, _broadcast_shape(y, self.group.channel_dim, scale.numel(), self.group)
+
+    def apply(self, y: torch.Tensor) -> torch.Tensor:
+        scale, xi, shape = self.scale_for(y)
         scale = scale.to(y.dtype)
         beta = self._beta()
         if beta is None:
@@ -318,11 +322,8 @@ class _FusedLinear(_MaskHook):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
         if self.masks.bypassed:
-            return F.linear(x, layer.weight, layer.bias)
-        scale, _ = self.masks.scale_and_shift(self.index)
-        if self.group.neuron_width > 1:
-            scale = scale.repeat_interleave(self.group.neuron_width)
-        _broadcast_shape(x, -1, scale.numel(), self.group)  # the same clear error as the hook's
+            return nn.Linear.forward(layer, x)
+        scale, _, _ = self.scale_for(x)  # channel_dim is -1 (`_fusable`): the scale is the columns'
         return _ColumnMaskedLinear.apply(x, scale, layer.weight, layer.bias)
 
     def remove(self) -> None:
